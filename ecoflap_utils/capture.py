@@ -1,0 +1,148 @@
+"""Capturing what reaches each block in a real forward pass, and replaying blocks on it.
+
+Block inputs are captured with forward pre-hooks (``with_kwargs=True``), so attention masks,
+T5 position bias, rotary embeddings and encoder states reach every block exactly as the model
+gives them. Every hook is removed when the context exits, also on error.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .models.base import Block, ModelAdapter, module_device, to_device
+
+HIDDEN_KWARGS = ("hidden_states", "x", "q_x", "query")
+
+
+class StopForward(Exception):
+    """Raised by a hook to end a forward pass once the blocks of interest have run."""
+
+
+@dataclass
+class Call:
+    """The positional and keyword arguments a block was called with."""
+
+    args: tuple
+    kwargs: dict
+
+    def hidden(self) -> torch.Tensor:
+        if self.args:
+            return self.args[0]
+        for k in HIDDEN_KWARGS:
+            if k in self.kwargs:
+                return self.kwargs[k]
+        raise ValueError("cannot find the hidden-state argument of a block call")
+
+    def with_hidden(self, hidden: torch.Tensor) -> "Call":
+        if self.args:
+            return Call((hidden,) + tuple(self.args[1:]), self.kwargs)
+        for k in HIDDEN_KWARGS:
+            if k in self.kwargs:
+                return Call(self.args, {**self.kwargs, k: hidden})
+        raise ValueError("cannot find the hidden-state argument of a block call")
+
+    def without_hidden(self) -> "Call":
+        return self.with_hidden(None)  # type: ignore[arg-type]
+
+
+def first_output(out: Any) -> torch.Tensor:
+    """The hidden states a block returns (its output may be a tensor, a tuple or a ModelOutput)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    if hasattr(out, "to_tuple"):
+        return out.to_tuple()[0]
+    raise TypeError(f"unexpected block output type {type(out).__name__}")
+
+
+@contextmanager
+def hooks(*handles) -> Iterator[None]:
+    """Remove the given hook handles on exit."""
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def capture_calls(adapter: ModelAdapter, blocks: Sequence[Block], batches: Sequence[dict], *,
+                  keep_hidden: str = "first", stop_after_last: bool = True) -> list[list[Call]]:
+    """Run ``adapter.forward`` on each batch and record how each of ``blocks`` was called.
+
+    Returns ``calls[batch][i]`` for block ``i``. With ``keep_hidden="first"`` only the first block keeps
+    its hidden-state input (later ones are replayed from the previous block's output, which saves
+    memory); ``"all"`` keeps every block's. With ``stop_after_last`` the forward pass is cut short
+    after the last block, so nothing after it is computed.
+    """
+    calls: list[list[Call]] = []
+    current: list[Call | None] = []
+    idx_of = {id(b.module): i for i, b in enumerate(blocks)}
+
+    def pre_hook(module, args, kwargs):
+        i = idx_of[id(module)]
+        if current[i] is not None:
+            raise RuntimeError(f"block {blocks[i].name} was called twice in one forward pass")
+        call = Call(tuple(args), dict(kwargs))
+        if keep_hidden == "first" and i > 0:
+            call = call.without_hidden()
+        current[i] = call
+
+    def stop_hook(module, args, output):
+        raise StopForward
+
+    with ExitStack() as stack:
+        for b in blocks:
+            stack.enter_context(hooks(b.module.register_forward_pre_hook(pre_hook, with_kwargs=True)))
+        if stop_after_last:
+            stack.enter_context(hooks(blocks[-1].module.register_forward_hook(stop_hook)))
+        for batch in batches:
+            current = [None] * len(blocks)
+            try:
+                with torch.no_grad():
+                    adapter.forward(batch)
+            except StopForward:
+                pass
+            missing = [blocks[i].name for i, c in enumerate(current) if c is None]
+            if missing:
+                raise RuntimeError(f"blocks {missing} were not called by the forward pass of {adapter.name}")
+            calls.append(list(current))  # type: ignore[arg-type]
+    return calls
+
+
+def run_block(block: Block, call: Call, hidden: torch.Tensor | None = None) -> Any:
+    """Call a block with a recorded call, optionally with new hidden states; inputs move to its device."""
+    if hidden is not None:
+        call = call.with_hidden(hidden)
+    dev = module_device(block.module)
+    return block.module(*to_device(call.args, dev), **to_device(call.kwargs, dev))
+
+
+def stack_groups(blocks: Sequence[Block]) -> list[list[Block]]:
+    """Split blocks into consecutive runs of the same stack, in order."""
+    groups: list[list[Block]] = []
+    for b in blocks:
+        if groups and groups[-1][0].stack == b.stack:
+            groups[-1].append(b)
+        else:
+            groups.append([b])
+    return groups
+
+
+@contextmanager
+def replaced_forward(module: nn.Module, fn) -> Iterator[None]:
+    """Temporarily replace ``module.forward`` (hooks still run); restored on exit."""
+    had = "forward" in module.__dict__
+    old = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        yield
+    finally:
+        if had:
+            module.forward = old
+        else:
+            del module.forward

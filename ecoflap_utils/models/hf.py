@@ -1,0 +1,208 @@
+"""Adapters for Hugging Face models: causal LMs (LLaMA family, OPT) and BLIP-2.
+
+Blocks are found from the model's own attributes, so any LLaMA-like or OPT-like checkpoint works.
+"""
+from __future__ import annotations
+
+import random
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from .base import Block, ModelAdapter, prunable_weight_names
+
+
+def _find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ``nn.ModuleList`` of transformer layers of a causal LM (``model.layers`` or ``model.decoder.layers``)."""
+    for path in ("model.layers", "model.decoder.layers", "layers", "decoder.layers", "transformer.h", "gpt_neox.layers"):
+        try:
+            mod = model.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(mod, nn.ModuleList):
+            return path, mod
+    raise ValueError(
+        f"cannot find the transformer layers of {type(model).__name__}: expected model.layers (LLaMA family) "
+        "or model.decoder.layers (OPT)"
+    )
+
+
+def _blocks_from_list(path: str, layers: nn.ModuleList, stack: str, modality: str, prunable: bool = True) -> list[Block]:
+    return [
+        Block(name=f"{stack}.{i}", stack=stack, modality=modality, module=layer,
+              weights=prunable_weight_names(layer, f"{path}.{i}"), prunable=prunable)
+        for i, layer in enumerate(layers)
+    ]
+
+
+# --------------------------------------------------------------------------- causal LMs
+class CausalLMAdapter(ModelAdapter):
+    """A Hugging Face causal LM; the calibration loss is next-token cross-entropy on text windows."""
+
+    family = "causal_lm"
+    default_stacks = ("lm",)
+
+    def __init__(self, model, name, *, tokenizer=None, sample_fn: Callable[[int, int], list[list[int]]] | None = None,
+                 seq_len: int = 128, calibration_name: str = "generated", **kw):
+        super().__init__(model, name, **kw)
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self._sample_fn = sample_fn
+        self._calibration_name = calibration_name
+
+    def build_blocks(self) -> list[Block]:
+        path, layers = _find_decoder_layers(self.model)
+        return _blocks_from_list(path, layers, "lm", "language")
+
+    def calibration_samples(self, n: int, seed: int = 0) -> list[list[int]]:
+        """``n`` token windows of ``seq_len`` tokens: from the bundled text when there is one, else generated."""
+        if self._sample_fn is not None:
+            return self._sample_fn(n, seed)
+        return generated_token_windows(n, self.seq_len, self.model.config.vocab_size, seed)
+
+    def collate(self, samples):
+        ids = torch.tensor(samples, dtype=torch.long, device=self.input_device())
+        return {"input_ids": ids}
+
+    def loss(self, batch):
+        return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+
+
+def generated_token_windows(n: int, seq_len: int, vocab: int, seed: int) -> list[list[int]]:
+    """Token windows from a seeded first-order Markov chain: structured enough that a loss has a signal."""
+    g = torch.Generator().manual_seed(seed)
+    v = min(vocab, 512)
+    # a sparse random transition table: each token has 4 likely successors
+    succ = torch.randint(0, v, (v, 4), generator=torch.Generator().manual_seed(1234))
+    out = []
+    for _ in range(n):
+        tok = int(torch.randint(0, v, (1,), generator=g))
+        seq = [tok]
+        for _ in range(seq_len - 1):
+            if torch.rand(1, generator=g).item() < 0.8:
+                tok = int(succ[tok, torch.randint(0, 4, (1,), generator=g)])
+            else:
+                tok = int(torch.randint(0, v, (1,), generator=g))
+            seq.append(tok)
+        out.append(seq)
+    return out
+
+
+# --------------------------------------------------------------------------- BLIP-2
+class Blip2Adapter(ModelAdapter):
+    """``Blip2ForConditionalGeneration`` with an OPT, LLaMA-family or Flan-T5 language model.
+
+    Stacks: ``vision`` (ViT layers), ``qformer`` (not pruned by default, as in the paper),
+    then ``lm`` for decoder-only LMs or ``text_encoder`` and ``text_decoder`` for T5.
+    A calibration sample is ``{"pixel_values": (3, H, W), "prefix_ids": [...], "target_ids": [...]}``;
+    the loss is the captioning loss on ``target_ids``. For T5 the prefix goes to the encoder with the
+    query tokens and the target is the decoder's label (BLIP-2's prefix-LM split, Sec. 3.3).
+    """
+
+    family = "blip2"
+
+    def __init__(self, model, name, *, tokenizer=None, sample_fn: Callable[[int, int], list[dict]] | None = None,
+                 calibration_name: str = "generated", **kw):
+        super().__init__(model, name, **kw)
+        cfg = model.config
+        if getattr(cfg, "image_token_index", None) is None:
+            raise ValueError(
+                f"{name}: config.image_token_index is not set; transformers 5 needs it to place the query "
+                "tokens. Set model.config.image_token_index to the id of the processor's image token."
+            )
+        self.tokenizer = tokenizer
+        self._sample_fn = sample_fn
+        self._calibration_name = calibration_name
+        self.is_t5 = not cfg.use_decoder_only_language_model
+        self.default_stacks = ("vision", "text_encoder", "text_decoder") if self.is_t5 else ("vision", "lm")
+
+    @property
+    def num_query_tokens(self) -> int:
+        return self.model.config.num_query_tokens
+
+    @property
+    def pad_id(self) -> int:
+        pid = getattr(self.model.config.text_config, "pad_token_id", None)
+        return 0 if pid is None else int(pid)
+
+    @property
+    def eos_id(self) -> int | None:
+        return getattr(self.model.config.text_config, "eos_token_id", None)
+
+    def build_blocks(self) -> list[Block]:
+        blocks = _blocks_from_list("vision_model.encoder.layers", self.model.vision_model.encoder.layers, "vision", "vision")
+        blocks += _blocks_from_list("qformer.encoder.layer", self.model.qformer.encoder.layer, "qformer", "bridge",
+                                    prunable=False)
+        lm = self.model.language_model
+        if self.is_t5:
+            blocks += _blocks_from_list("language_model.encoder.block", lm.encoder.block, "text_encoder", "language")
+            blocks += _blocks_from_list("language_model.decoder.block", lm.decoder.block, "text_decoder", "language")
+        else:
+            path, layers = _find_decoder_layers(lm)
+            blocks += _blocks_from_list(f"language_model.{path}", layers, "lm", "language")
+        return blocks
+
+    def calibration_samples(self, n: int, seed: int = 0) -> list[dict]:
+        if self._sample_fn is not None:
+            return self._sample_fn(n, seed)
+        return generated_image_text_samples(
+            n, seed, image_size=self.model.config.vision_config.image_size,
+            vocab=self.model.config.text_config.vocab_size - 1,  # the last id is the image token
+        )
+
+    def collate(self, samples: list[dict]) -> dict[str, Any]:
+        dev = self.input_device()
+        q = self.num_query_tokens
+        img = self.model.config.image_token_index
+        pixel = torch.stack([s["pixel_values"] for s in samples]).to(dev, self.vision_dtype())
+        eos = [self.eos_id] if (self.is_t5 and self.eos_id is not None) else []
+        if self.is_t5:
+            enc = [[img] * q + list(s["prefix_ids"]) for s in samples]
+            tgt = [list(s["target_ids"]) + eos for s in samples]
+            ids, mask = _pad(enc, self.pad_id)
+            labels, _ = _pad(tgt, -100)
+            return {"pixel_values": pixel, "input_ids": ids.to(dev), "attention_mask": mask.to(dev),
+                    "labels": labels.to(dev)}
+        full = [[img] * q + list(s["prefix_ids"]) + list(s["target_ids"]) for s in samples]
+        lab = [[-100] * (q + len(s["prefix_ids"])) + list(s["target_ids"]) for s in samples]
+        ids, mask = _pad(full, self.pad_id)
+        labels, _ = _pad(lab, -100)
+        return {"pixel_values": pixel, "input_ids": ids.to(dev), "attention_mask": mask.to(dev), "labels": labels.to(dev)}
+
+    def vision_dtype(self) -> torch.dtype:
+        return self.model.vision_model.embeddings.patch_embedding.weight.dtype
+
+    def loss(self, batch):
+        return self.model(**batch, use_cache=False).loss
+
+
+def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad to the longest sequence; returns (ids, attention mask)."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def generated_image_text_samples(n: int, seed: int, *, image_size: int, vocab: int) -> list[dict]:
+    """Seeded synthetic (image, caption) pairs whose caption tokens depend on the image.
+
+    Each image is a coloured pattern from one of 8 classes; the caption is a class-specific
+    token sequence, so the captioning loss of a model depends on what its vision side sees.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    protos = torch.randn(8, 3, image_size, image_size, generator=torch.Generator().manual_seed(77))
+    words = torch.randint(2, max(vocab, 3), (8, 6), generator=torch.Generator().manual_seed(78)).tolist()
+    out = []
+    for _ in range(n):
+        c = rng.randrange(8)
+        img = protos[c] + 0.5 * torch.randn(3, image_size, image_size, generator=g)
+        caption = words[c][: rng.randint(3, 6)]
+        split = rng.randint(1, len(caption) - 1)
+        out.append({"pixel_values": img, "prefix_ids": caption[:split], "target_ids": caption[split:], "label": c})
+    return out

@@ -1,0 +1,363 @@
+"""Fine stage: layer-wise pruning (Wanda, SparseGPT, magnitude), unstructured or N:M, block by block.
+
+ECoFLaP Sec. 3.3 ("layer-wise unstructured pruning"): each linear layer is pruned at the sparsity its
+group was given, with Wanda's score |W_ij| * ||X_j||_2 (Sun et al., 2024, Eq. 1) or SparseGPT's
+OBS update (Frantar & Alistarh, 2023, Alg. 1). Blocks are processed in model order; each block's
+inputs are the *pruned* outputs of the block before it.
+
+Masks returned here are *keep* masks: ``True`` where a weight survives.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .capture import Call, capture_calls, first_output, hooks, run_block, stack_groups
+from .errors import CalibrationError, UserError
+from .models.base import ModelAdapter
+
+METHODS = ("wanda", "sparsegpt", "magnitude")
+COMPARISONS = ("row", "matrix")
+
+
+# --------------------------------------------------------------------------- input validation
+def parse_nm(nm: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4): prune N of every M consecutive input weights of a row."""
+    if nm is None or nm == "":
+        return None
+    if isinstance(nm, str):
+        try:
+            n, m = (int(x) for x in nm.split(":"))
+        except ValueError:
+            raise UserError(f"N:M pattern {nm!r} is not of the form N:M (for example 2:4)") from None
+    else:
+        n, m = nm
+    if not (0 < n <= m) or n == m:
+        raise UserError(f"N:M pattern {n}:{m} needs 0 < N < M (for example 2:4 or 4:8)")
+    return n, m
+
+
+def check_sparsity(value: float, what: str = "sparsity") -> float:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0.0 <= value < 1.0:
+        raise UserError(f"{what} must be in [0, 1), got {value!r}: pass a fraction such as 0.5")
+    return float(value)
+
+
+def resolve_sparsity(adapter: ModelAdapter, sparsity: float | Mapping[str, float] | None,
+                     nm: tuple[int, int] | None, stacks: Sequence[str] | None = None) -> dict[str, float]:
+    """Turn one float or a dict into ``{weight name: sparsity}`` over the layers to prune, with checks."""
+    if sparsity is None:
+        if nm is None:
+            raise UserError("give a sparsity (for example 0.5) or an N:M pattern")
+        sparsity = nm[0] / nm[1]
+    if isinstance(sparsity, Mapping):
+        known = set(adapter.layer_names(adapter.stacks()))
+        unknown = [k for k in sparsity if k not in known]
+        if unknown:
+            sample = ", ".join(sorted(known)[:3])
+            raise UserError(
+                f"sparsity dict names {len(unknown)} layer(s) that {adapter.name} does not have "
+                f"(first: {unknown[0]!r}); keys must be parameter names such as {sample}"
+            )
+        per_layer = {k: check_sparsity(v, f"sparsity of {k}") for k, v in sparsity.items()}
+    else:
+        s = check_sparsity(sparsity)
+        per_layer = {name: s for name in adapter.layer_names(stacks)}
+    if nm is not None:
+        target = nm[0] / nm[1]
+        bad = [k for k, v in per_layer.items() if v > 0 and abs(v - target) > 1e-9]
+        if bad:
+            raise UserError(
+                f"N:M {nm[0]}:{nm[1]} prunes exactly {target:g} of each layer, but {bad[0]} asks for "
+                f"{per_layer[bad[0]]:g}: use --sparsity {target:g} (or leave it out) with --nm"
+            )
+    return per_layer
+
+
+# --------------------------------------------------------------------------- masks
+def select_prune_mask(scores: torch.Tensor, sparsity: float, *, nm: tuple[int, int] | None = None,
+                      comparison: str = "row") -> torch.Tensor:
+    """Which weights to prune (``True``) given importance ``scores`` (out x in); lowest scores go.
+
+    ``row``: exactly floor(s * C_in) per output row (Wanda's comparison group); ``matrix``: exactly
+    floor(s * numel) over the whole matrix; N:M: N lowest of each M consecutive inputs of a row.
+    Ties are broken by position (stable sort), so a mask is reproducible.
+    """
+    rows, cols = scores.shape
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if nm is not None:
+        n, m = nm
+        if cols % m:
+            raise UserError(f"N:M {n}:{m} needs the input size to be a multiple of {m}; this layer has {cols}")
+        groups = scores.reshape(rows, cols // m, m)
+        idx = torch.sort(groups, dim=-1, stable=True).indices[..., :n]
+        return mask.reshape(rows, cols // m, m).scatter_(-1, idx, True).reshape(rows, cols)
+    if comparison == "row":
+        k = int(sparsity * cols)
+        if k:
+            idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]
+            mask.scatter_(1, idx, True)
+        return mask
+    if comparison == "matrix":
+        k = int(sparsity * scores.numel())
+        if k:
+            idx = torch.sort(scores.flatten(), stable=True).indices[:k]
+            mask.view(-1)[idx] = True
+        return mask
+    raise UserError(f"unknown comparison {comparison!r}; choose row or matrix")
+
+
+def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """Wanda's importance |W_ij| * ||X_j||_2 (Sun et al., 2024, Eq. 1), in float32."""
+    return weight.detach().float().abs() * sq_norms.float().sqrt().unsqueeze(0)
+
+
+def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, *,
+                    nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """SparseGPT (Frantar & Alistarh, 2023, Alg. 1): prune and update the remaining weights.
+
+    ``hessian`` is sum X^T X over calibration tokens (any positive scale). Returns the new weight
+    (float32) and the prune mask. Each block of ``blocksize`` columns prunes exactly
+    floor(s * rows * cols_in_block) weights, chosen by w^2 / [H^-1]_jj^2.
+    """
+    W = weight.detach().float().clone()
+    H = hessian.detach().float().clone()
+    rows, cols = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0  # inputs never seen: no information, keep the weight's score finite
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(cols, device=H.device)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    except RuntimeError as e:  # pragma: no cover - only on degenerate statistics
+        raise CalibrationError(f"SparseGPT: the Hessian is not positive definite ({e}); "
+                               "use more calibration samples or a larger percdamp") from None
+    mask = torch.zeros_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        d = torch.diag(Hinv1)
+        if nm is None:
+            tmp = W1 ** 2 / d.unsqueeze(0) ** 2
+            mask1 = select_prune_mask(tmp, sparsity, comparison="matrix")
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            w = W1[:, i]
+            if nm is not None and i % nm[1] == 0:
+                tmp = W1[:, i:i + nm[1]] ** 2 / d[i:i + nm[1]].unsqueeze(0) ** 2
+                mask1[:, i:i + nm[1]] = select_prune_mask(tmp, 0.0, nm=nm)
+            q = w.clone()
+            q[mask1[:, i]] = 0
+            Q1[:, i] = q
+            err = (w - q) / d[i]
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        mask[:, i1:i2] = mask1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    W[mask] = 0.0
+    return W, mask
+
+
+# --------------------------------------------------------------------------- statistics
+class _Stats:
+    """Per-layer calibration statistics: sum of squares per input feature (Wanda) or X^T X (SparseGPT)."""
+
+    def __init__(self, name: str, cols: int, kind: str, device):
+        self.name, self.kind, self.tokens = name, kind, 0
+        self.sq = torch.zeros(cols, dtype=torch.float32, device=device)
+        self.H = torch.zeros(cols, cols, dtype=torch.float32, device=device) if kind == "sparsegpt" else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise CalibrationError(
+                f"non-finite activations reach {self.name} during calibration; run in float32 "
+                "(--dtype float32) or check the calibration data"
+            )
+        x = x.to(self.sq.device)
+        self.tokens += x.shape[0]
+        self.sq += (x * x).sum(0)
+        if self.H is not None:
+            self.H += x.T @ x
+
+
+def _mha_attention_input(mha: nn.MultiheadAttention, args, kwargs) -> torch.Tensor:
+    """What ``mha.out_proj`` sees: attention output before the output projection.
+
+    ``nn.MultiheadAttention`` applies ``out_proj.weight`` inside a functional call, so a hook on
+    ``out_proj`` never fires; we recompute the attention with an identity output projection.
+    """
+    names = ("query", "key", "value")
+    q, k, v = (args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names))
+    if mha.batch_first:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    eye = torch.eye(mha.embed_dim, dtype=q.dtype, device=q.device)
+    attn_mask = kwargs.get("attn_mask")
+    out, _ = F.multi_head_attention_forward(
+        q, k, v, mha.embed_dim, mha.num_heads, mha.in_proj_weight, mha.in_proj_bias, mha.bias_k, mha.bias_v,
+        mha.add_zero_attn, 0.0, eye, None, training=False, key_padding_mask=kwargs.get("key_padding_mask"),
+        need_weights=False, attn_mask=attn_mask, is_causal=kwargs.get("is_causal", False) and attn_mask is None,
+        use_separate_proj_weight=not mha._qkv_same_embed_dim, q_proj_weight=mha.q_proj_weight,
+        k_proj_weight=mha.k_proj_weight, v_proj_weight=mha.v_proj_weight)
+    return out
+
+
+def input_tap(model: nn.Module, weight_name: str) -> tuple[nn.Module, Callable]:
+    """The module to hook and a function (args, kwargs) -> the input of ``weight_name``'s matmul."""
+    owner_name, _, attr = weight_name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if isinstance(owner, nn.MultiheadAttention):
+        pos = {"in_proj_weight": 0, "q_proj_weight": 0, "k_proj_weight": 1, "v_proj_weight": 2}[attr]
+        key = ("query", "key", "value")[pos]
+        return owner, lambda a, kw: a[pos] if len(a) > pos else kw[key]
+    parent_name, _, child = owner_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+        return parent, lambda a, kw: _mha_attention_input(parent, a, kw)
+    if isinstance(owner, nn.Linear) and attr == "weight":
+        return owner, lambda a, kw: a[0] if a else kw["input"]
+    raise UserError(f"{weight_name} is not a weight this pruner knows how to feed (Linear or MultiheadAttention)")
+
+
+# --------------------------------------------------------------------------- the runner
+@dataclass
+class PruneResult:
+    """What ``prune`` returns: keep masks by weight name, a per-layer report, and the settings used."""
+
+    masks: dict[str, torch.Tensor] = field(default_factory=dict)
+    report: list[dict[str, Any]] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def actual_sparsity(self) -> float:
+        """Fraction of zeros over the pruned layers, weighted by their sizes."""
+        total = sum(r["params"] for r in self.report)
+        zeros = sum(r["actual_sparsity"] * r["params"] for r in self.report)
+        return zeros / total if total else 0.0
+
+    @property
+    def sparsity_by_layer(self) -> dict[str, float]:
+        return {r["name"]: r["target_sparsity"] for r in self.report}
+
+
+def prune(adapter: ModelAdapter, sparsity: float | Mapping[str, float] | None = None, *, method: str = "wanda",
+          nm: str | tuple[int, int] | None = None, calibration: Sequence[Any] | None = None,
+          calib_samples: int = 128, batch_size: int = 8, seed: int = 0, comparison: str = "row",
+          stacks: Sequence[str] | None = None, return_masks: bool = True, blocksize: int = 128,
+          percdamp: float = 0.01, progress: bool | None = None) -> PruneResult:
+    """Prune ``adapter``'s model in place, block by block (ECoFLaP Sec. 3.3; Wanda Alg. 1; SparseGPT Alg. 1).
+
+    ``sparsity`` is one float for every pruned layer or ``{weight name: sparsity}`` (for example ECoFLaP's
+    allocation expanded to layers). ``calibration`` is a list of samples (``adapter.calibration_samples``);
+    when ``None``, ``calib_samples`` are drawn with ``seed``. ``stacks`` chooses what is pruned
+    (default: the adapter's default stacks, the vision encoder and the language model for BLIP-2).
+    """
+    if method not in METHODS:
+        raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    if comparison not in COMPARISONS:
+        raise UserError(f"unknown comparison {comparison!r}; choose row or matrix")
+    nm_t = parse_nm(nm)
+    per_layer = resolve_sparsity(adapter, sparsity, nm_t, stacks)
+    to_prune = {k: v for k, v in per_layer.items() if v > 0}
+    block_of = adapter.block_of()
+    blocks_needed = {block_of[k].name for k in to_prune}
+    result = PruneResult(config={
+        "method": method, "nm": f"{nm_t[0]}:{nm_t[1]}" if nm_t else None, "comparison": comparison,
+        "seed": seed, "calibration": adapter.calibration_name, "batch_size": batch_size,
+    })
+    model = adapter.model
+    show = None if progress in (None, True) else True  # tqdm's disable: None = only on a terminal
+
+    def apply(name: str, prune_mask: torch.Tensor, new_weight: torch.Tensor | None = None) -> None:
+        p = model.get_parameter(name)
+        with torch.no_grad():
+            if new_weight is not None:
+                p.copy_(new_weight.to(p.dtype))
+            p[prune_mask.to(p.device)] = 0
+        if return_masks:
+            result.masks[name] = (~prune_mask).cpu()
+
+    if method == "magnitude":
+        for name, s in tqdm(to_prune.items(), desc="magnitude", disable=show, leave=False):
+            w = model.get_parameter(name)
+            apply(name, select_prune_mask(w.detach().float().abs(), s, nm=nm_t, comparison=comparison))
+        result.config["calib_samples"] = 0
+    else:
+        if calibration is None:
+            calibration = adapter.calibration_samples(calib_samples, seed)
+        result.config["calib_samples"] = len(calibration)
+        batches = adapter.batches(list(calibration), batch_size)
+        chosen = [b for b in adapter.blocks if b.name in blocks_needed]
+        if chosen:
+            stacks_in_order = [g[0].stack for g in stack_groups(adapter.blocks)]
+            for stack in stacks_in_order:
+                needed = [b for b in adapter.stack_blocks(stack) if b.name in blocks_needed]
+                if not needed:
+                    continue
+                stack_blocks = adapter.stack_blocks(stack)
+                stack_blocks = stack_blocks[: stack_blocks.index(needed[-1]) + 1]  # nothing after the last needed
+                _prune_stack(adapter, stack_blocks, batches, to_prune, method, nm_t, comparison, blocksize,
+                             percdamp, apply, show)
+    result.report = sparsity_report(adapter, per_layer)
+    return result
+
+
+def _prune_stack(adapter, blocks, batches, to_prune, method, nm_t, comparison, blocksize, percdamp, apply, show):
+    calls = capture_calls(adapter, blocks, batches, keep_hidden="first")
+    hidden = [c[0].hidden() for c in calls]
+    bar = tqdm(blocks, desc=f"{method} {blocks[0].stack}", disable=show, leave=False)
+    for i, block in enumerate(bar):
+        layers = [w for w in block.weights if w in to_prune]
+        if layers:
+            stats = {}
+            with ExitStack() as es:
+                for w in layers:
+                    mod, get = input_tap(adapter.model, w)
+                    cols = adapter.model.get_parameter(w).shape[1]
+                    st = stats[w] = _Stats(w, cols, method, adapter.model.get_parameter(w).device)
+                    hook = mod.register_forward_pre_hook(
+                        lambda m, a, kw, st=st, get=get: st.add(get(a, kw)), with_kwargs=True)
+                    es.enter_context(hooks(hook))
+                with torch.no_grad():
+                    for b, call in enumerate(calls):
+                        run_block(block, call[i], hidden[b])
+            for w in layers:
+                W = adapter.model.get_parameter(w)
+                st = stats[w]
+                if method == "wanda":
+                    apply(w, select_prune_mask(wanda_scores(W, st.sq), to_prune[w], nm=nm_t, comparison=comparison))
+                else:
+                    new, mask = sparsegpt_prune(W, st.H, to_prune[w], nm=nm_t, blocksize=blocksize, percdamp=percdamp)
+                    apply(w, mask, new)
+                del stats[w]
+        if i < len(blocks) - 1:  # the pruned outputs feed the next block
+            with torch.no_grad():
+                hidden = [first_output(run_block(block, call[i], hidden[b])) for b, call in enumerate(calls)]
+            if not all(torch.isfinite(h).all() for h in hidden):
+                raise CalibrationError(f"non-finite outputs of {block.name} after pruning; run in float32")
+
+
+def sparsity_report(adapter: ModelAdapter, per_layer: Mapping[str, float]) -> list[dict[str, Any]]:
+    """One row per layer: name, block, stack, modality, parameters, target and actual sparsity."""
+    block_of = adapter.block_of()
+    rows = []
+    for name, target in per_layer.items():
+        p = adapter.model.get_parameter(name)
+        b = block_of[name]
+        rows.append({"name": name, "block": b.name, "stack": b.stack, "modality": b.modality,
+                     "params": p.numel(), "target_sparsity": float(target),
+                     "actual_sparsity": float((p == 0).sum().item() / p.numel())})
+    return rows
