@@ -86,7 +86,9 @@ def select_prune_mask(scores: torch.Tensor, sparsity: float, *, nm: tuple[int, i
                       comparison: str = "row") -> torch.Tensor:
     """Which weights to prune (``True``) given importance ``scores`` (out x in); lowest scores go.
 
-    ``row``: exactly floor(s * C_in) per output row (Wanda's comparison group); ``matrix``: exactly
+    ``row``: floor(s * C_in) per output row (Wanda's comparison group), plus one more in the rows whose
+    next candidate scores lowest until floor(s * numel) are pruned (the same as Wanda when s * C_in is
+    whole; otherwise the target is met instead of undershot by up to one weight per row); ``matrix``: exactly
     floor(s * numel) over the whole matrix; N:M: N lowest of each M consecutive inputs of a row.
     Ties are broken by position (stable sort), so a mask is reproducible.
     """
@@ -101,9 +103,14 @@ def select_prune_mask(scores: torch.Tensor, sparsity: float, *, nm: tuple[int, i
         return mask.reshape(rows, cols // m, m).scatter_(-1, idx, True).reshape(rows, cols)
     if comparison == "row":
         k = int(sparsity * cols)
+        extra = int(sparsity * scores.numel()) - k * rows  # 0 when s * C_in is a whole number
+        order = torch.sort(scores, dim=1, stable=True)
         if k:
-            idx = torch.sort(scores, dim=1, stable=True).indices[:, :k]
-            mask.scatter_(1, idx, True)
+            mask.scatter_(1, order.indices[:, :k], True)
+        if extra > 0 and k < cols:
+            # the fractional part of s * C_in: one more weight in the rows whose next candidate matters least
+            rows_plus = torch.sort(order.values[:, k], stable=True).indices[:extra]
+            mask[rows_plus, order.indices[rows_plus, k]] = True
         return mask
     if comparison == "matrix":
         k = int(sparsity * scores.numel())

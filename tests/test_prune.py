@@ -30,11 +30,24 @@ def test_wanda_mask_by_hand_on_a_4x8_layer():
     assert torch.equal(mask, expected)
 
 
-@pytest.mark.parametrize("s", [0.1, 0.3, 0.5, 0.77])
+@pytest.mark.parametrize("s", [0.25, 0.5, 0.75])
 def test_row_comparison_prunes_floor_s_cin_in_every_row(s):
+    scores = torch.rand(13, 40, generator=torch.Generator().manual_seed(0))
+    mask = select_prune_mask(scores, s, comparison="row")
+    assert (mask.sum(1) == math.floor(s * 40)).all()
+    kept_min = torch.where(mask, torch.inf, scores).min(1).values
+    pruned_max = torch.where(mask, scores, -torch.inf).max(1).values
+    assert (pruned_max <= kept_min).all()
+
+
+@pytest.mark.parametrize("s", [0.1, 0.3, 0.77])
+def test_row_comparison_meets_the_target_when_s_cin_is_fractional(s):
     scores = torch.rand(13, 37, generator=torch.Generator().manual_seed(0))
     mask = select_prune_mask(scores, s, comparison="row")
-    assert (mask.sum(1) == math.floor(s * 37)).all()
+    k = math.floor(s * 37)
+    per_row = mask.sum(1)
+    assert ((per_row == k) | (per_row == k + 1)).all()
+    assert mask.sum() == math.floor(s * 13 * 37)
     # and they are the lowest of each row
     kept_min = torch.where(mask, torch.inf, scores).min(1).values
     pruned_max = torch.where(mask, scores, -torch.inf).max(1).values

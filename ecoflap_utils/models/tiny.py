@@ -9,6 +9,8 @@ import zlib
 
 import torch
 
+from .tokenizers import ByteTokenizer, TinyClipTokenizer
+
 TINY_MODELS = ("tiny-llama", "tiny-opt", "tiny-blip2-opt", "tiny-blip2-t5", "tiny-clip")
 
 
@@ -74,7 +76,9 @@ def build_tiny(name: str, *, device="cpu", dtype=torch.float32, weights: str | N
         cfg._attn_implementation = "eager"
         model = cls.from_pretrained(weights, attn_implementation="eager") if weights else cls(cfg)
         model = model.to(device=device, dtype=dtype)
-        return CausalLMAdapter(model, name, device=device, dtype=dtype, seq_len=32)
+        c = model.config
+        tok = ByteTokenizer(c.vocab_size, reserved=0, pad_id=c.pad_token_id, bos_id=c.bos_token_id, eos_id=c.eos_token_id)
+        return CausalLMAdapter(model, name, tokenizer=tok, device=device, dtype=dtype, seq_len=32)
     if name.startswith("tiny-blip2"):
         from transformers import Blip2ForConditionalGeneration
 
@@ -85,7 +89,10 @@ def build_tiny(name: str, *, device="cpu", dtype=torch.float32, weights: str | N
         else:
             model = Blip2ForConditionalGeneration._from_config(cfg, attn_implementation="eager")
         model = model.to(device=device, dtype=dtype)
-        return Blip2Adapter(model, name, device=device, dtype=dtype)
+        t = model.config.text_config
+        tok = ByteTokenizer(t.vocab_size, reserved=1, pad_id=t.pad_token_id, bos_id=getattr(t, "bos_token_id", None) or 0,
+                            eos_id=t.eos_token_id)
+        return Blip2Adapter(model, name, tokenizer=tok, device=device, dtype=dtype)
     # tiny-clip
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
@@ -100,4 +107,13 @@ def build_tiny(name: str, *, device="cpu", dtype=torch.float32, weights: str | N
 
         load_model(model, weights)
     model = model.to(device=device, dtype=dtype)
-    return CLIPAdapter(model, name, device=device, dtype=dtype, arch="tiny-clip")
+    return CLIPAdapter(model, name, tokenizer=TinyClipTokenizer(128, 16), preprocess=tiny_preprocess(32),
+                       device=device, dtype=dtype, arch="tiny-clip")
+
+
+def tiny_preprocess(size: int):
+    """PIL image -> normalised (3, size, size) tensor, the tiny CLIP's image transform."""
+    from torchvision import transforms as T
+
+    return T.Compose([T.Lambda(lambda im: im.convert("RGB")), T.Resize(size), T.CenterCrop(size), T.ToTensor(),
+                      T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
