@@ -70,37 +70,87 @@ def group_info(adapter: ModelAdapter, groups: Mapping[str, Sequence[str]]) -> di
 
 # --------------------------------------------------------------------------- cached prefixes
 class PrefixCache:
-    """The dense output of every block for every batch, so a forward can start at any block.
+    """Start a forward pass at any block, holding one hidden state per batch (not one per block).
 
-    ``prefix(batch_index, block)`` is a context in which every block *before* ``block`` (in model
-    order) returns its cached output instead of computing it.
+    One dense forward per batch records how every block is called and the *shape* of what it
+    returns (a tensor, or a tuple such as T5's ``(hidden, position_bias, ...)``), plus the full
+    output of the last block of each stack (what later stacks read). ``advance(b)`` replays blocks
+    densely until ``hidden[batch]`` is the input of block ``b``. Inside ``prefix(batch, b)`` every block
+    before ``b`` returns instead of computing: the block just before ``b`` returns the dense output
+    (which is block ``b``'s input), the others a stand-in of the right structure that the next stubbed
+    block ignores. Blocks must be visited in model order (``b`` never decreases).
     """
 
     def __init__(self, adapter: ModelAdapter, batches: Sequence[dict]):
-        self.adapter = adapter
-        self.order = {id(b.module): i for i, b in enumerate(adapter.blocks)}
-        self.outputs: list[list[Any]] = []
-        for batch in batches:
-            outs: list[Any] = [None] * len(adapter.blocks)
+        from .capture import Call
 
-            def keep(i):
+        self.adapter = adapter
+        self.blocks = adapter.blocks
+        n = len(self.blocks)
+        self.stack_start = [i == 0 or self.blocks[i].stack != self.blocks[i - 1].stack for i in range(n)]
+        self.stack_last = [i == n - 1 or self.blocks[i].stack != self.blocks[i + 1].stack for i in range(n)]
+        self.calls: list[list[Any]] = []
+        self.shape: list[list[Any]] = []  # output with the hidden states removed
+        self.last_out: list[dict[int, Any]] = []
+        for batch in batches:
+            calls: list[Any] = [None] * n
+            shapes: list[Any] = [None] * n
+            lasts: dict[int, Any] = {}
+
+            def pre(i):
+                def hook(module, args, kwargs):
+                    c = Call(tuple(args), dict(kwargs))
+                    calls[i] = c if self.stack_start[i] else c.without_hidden()
+                return hook
+
+            def post(i):
                 def hook(module, args, output):
-                    outs[i] = output
+                    if self.stack_last[i]:
+                        lasts[i] = output
+                    shapes[i] = (None,) + tuple(output[1:]) if isinstance(output, tuple) else None
                 return hook
 
             with ExitStack() as es:
-                for i, b in enumerate(adapter.blocks):
-                    es.enter_context(hooks(b.module.register_forward_hook(keep(i))))
+                for i, b in enumerate(self.blocks):
+                    es.enter_context(hooks(b.module.register_forward_pre_hook(pre(i), with_kwargs=True)))
+                    es.enter_context(hooks(b.module.register_forward_hook(post(i))))
                 with torch.no_grad():
                     adapter.forward(batch)
-            self.outputs.append(outs)
+            self.calls.append(calls)
+            self.shape.append(shapes)
+            self.last_out.append(lasts)
+        self.pos = 0
+        self.hidden = [c[0].hidden() for c in self.calls]  # input of block self.pos, per batch
+
+    def advance(self, block: int) -> None:
+        from .capture import first_output, run_block
+
+        if block < self.pos:
+            raise RuntimeError(f"PrefixCache visits blocks in model order; asked for {block} after {self.pos}")
+        while self.pos < block:
+            i = self.pos
+            nxt = i + 1
+            for bi in range(len(self.calls)):
+                if nxt < len(self.blocks) and self.stack_start[nxt]:
+                    self.hidden[bi] = self.calls[bi][nxt].hidden()
+                else:
+                    with torch.no_grad():
+                        self.hidden[bi] = first_output(run_block(self.blocks[i], self.calls[bi][i], self.hidden[bi]))
+            self.pos = nxt
+
+    def _stand_in(self, bi: int, j: int) -> Any:
+        if self.stack_last[j]:
+            return self.last_out[bi][j]
+        shape = self.shape[bi][j]
+        return self.hidden[bi] if shape is None else (self.hidden[bi],) + shape[1:]
 
     @contextmanager
     def prefix(self, batch_index: int, first_block: int) -> Iterator[None]:
+        self.advance(first_block)
         with ExitStack() as es:
-            for i in range(first_block):
-                out = self.outputs[batch_index][i]
-                es.enter_context(replaced_forward(self.adapter.blocks[i].module, lambda *a, _o=out, **k: _o))
+            for j in range(first_block):
+                out = self._stand_in(batch_index, j)
+                es.enter_context(replaced_forward(self.blocks[j].module, lambda *a, _o=out, **k: _o))
             yield
 
 
@@ -146,6 +196,7 @@ def compute_scores(adapter: ModelAdapter, method: str = "zeroth", calibration: S
                    granularity: str = "block", eps: float = 1e-3, num_noise: int = 1, seed: int = 0,
                    aggregate: str = "sum", perturb: str = "group", samples: int = 32, batch_size: int = 8,
                    stacks: Sequence[str] | None = None, variant: str = "grad", cache: bool = True,
+                   units: Sequence[int] | None = None, per_batch: list | None = None,
                    progress: bool | None = None) -> dict[str, float]:
     """Global importance ``{group: score}`` (ECoFLaP Sec. 3.2 and Table 1).
 
@@ -155,6 +206,8 @@ def compute_scores(adapter: ModelAdapter, method: str = "zeroth", calibration: S
     ``variant`` ``grad`` (sum |g|), ``weight_grad`` (sum |W * g|) or ``grad_norm`` (||g||_2 per batch).
     ``magnitude``: sum |W|, no data. ``cache=False`` reruns the whole model for every perturbation, as
     the paper's code does (for comparison only). Every group sees the same calibration batches.
+    ``units`` restricts the work to those perturbation units (indices in model order; for timing
+    samples in bench/); ``per_batch``, when a list, receives one ``{group: contribution}`` per batch.
     """
     if method not in SCORE_METHODS:
         raise UserError(f"unknown score method {method!r}; choose one of {', '.join(SCORE_METHODS)}")
@@ -177,17 +230,22 @@ def compute_scores(adapter: ModelAdapter, method: str = "zeroth", calibration: S
         calibration = adapter.calibration_samples(samples, seed)
     batches = adapter.batches(list(calibration), batch_size)
     show = None if progress in (None, True) else True
+    if per_batch is not None:
+        per_batch[:] = [{g: 0.0 for g in groups} for _ in batches]
     if method == "first":
-        return _first_order(adapter, groups, batches, variant, show)
-    units: list[tuple[str, list[str]]] = []  # (group, weights perturbed together)
+        return _first_order(adapter, groups, batches, variant, show, per_batch)
+    all_units: list[tuple[str, list[str]]] = []  # (group, weights perturbed together)
     for g, ws in groups.items():
-        units += [(g, [w]) for w in ws] if perturb == "tensor" else [(g, list(ws))]
+        all_units += [(g, [w]) for w in ws] if perturb == "tensor" else [(g, list(ws))]
+    all_units.sort(key=lambda u: _first_block_index(adapter, u[1]))  # model order, for the prefix cache
+    chosen = sorted(set(units)) if units is not None else range(len(all_units))
     prefix = PrefixCache(adapter, batches) if cache else None
     scores = {g: 0.0 for g in groups}
     count = {g: 0 for g in groups}
-    bar = tqdm(total=len(units) * len(batches), desc=f"{method} scores", disable=show, leave=False)
+    bar = tqdm(total=len(chosen) * len(batches), desc=f"{method} scores", disable=show, leave=False)
     with _math_attention(adapter, method == "jvp"):
-        for u, (g, ws) in enumerate(units):
+        for u in chosen:
+            g, ws = all_units[u]
             params = [model.get_parameter(w) for w in ws]
             start = _first_block_index(adapter, ws) if cache else 0
             count[g] += 1
@@ -203,6 +261,8 @@ def compute_scores(adapter: ModelAdapter, method: str = "zeroth", calibration: S
                             d = _jvp(adapter, batch, ws, s)
                     est += abs(d)
                 scores[g] += est / num_noise
+                if per_batch is not None:
+                    per_batch[bi][g] += est / num_noise
                 bar.update(1)
     bar.close()
     if aggregate == "mean":
@@ -309,12 +369,19 @@ def _grads_only_for(model: nn.Module, names: set[str]) -> Iterator[None]:
             p.grad = None
 
 
-def _first_order(adapter, groups, batches, variant, show) -> dict[str, float]:
+def count_units(adapter: ModelAdapter, granularity: str = "block", perturb: str = "group",
+                stacks: Sequence[str] | None = None) -> int:
+    """How many perturbation units ``compute_scores`` walks through (tensors or groups)."""
+    groups = score_groups(adapter, granularity, stacks)
+    return sum(len(ws) for ws in groups.values()) if perturb == "tensor" else len(groups)
+
+
+def _first_order(adapter, groups, batches, variant, show, per_batch=None) -> dict[str, float]:
     model = adapter.model
     names = {w for ws in groups.values() for w in ws}
     scores = {g: 0.0 for g in groups}
     with _grads_only_for(model, names):
-        for batch in tqdm(batches, desc="first-order scores", disable=show, leave=False):
+        for bi, batch in enumerate(tqdm(batches, desc="first-order scores", disable=show, leave=False)):
             for w in names:
                 model.get_parameter(w).grad = None
             loss = adapter.loss(batch)
@@ -330,6 +397,8 @@ def _first_order(adapter, groups, batches, variant, show) -> dict[str, float]:
                 else:
                     v = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in ps))
                 scores[g] += float(v)
+                if per_batch is not None:
+                    per_batch[bi][g] += float(v)
     return scores
 
 

@@ -276,3 +276,14 @@ def test_expand_to_layers_and_prune_follow_the_allocation():
         by_block.setdefault(r["block"], []).append(r["actual_sparsity"])
     for g, s in gs.items():
         assert all(abs(x - s) < 0.01 for x in by_block[g])
+
+
+@pytest.mark.parametrize("name", ["tiny-opt", "tiny-blip2-opt", "tiny-clip", "tiny-llama"])
+@pytest.mark.parametrize("perturb", ["tensor", "group"])
+def test_cached_prefix_matches_full_forward_on_every_family(name, perturb):
+    a = load_model(name)
+    calib = a.calibration_samples(8, 1)
+    cached = compute_scores(a, "zeroth", calib, perturb=perturb, batch_size=4, cache=True, progress=False)
+    full = compute_scores(a, "zeroth", calib, perturb=perturb, batch_size=4, cache=False, progress=False)
+    for g in full:
+        assert cached[g] == pytest.approx(full[g], rel=1e-4, abs=1e-5), g

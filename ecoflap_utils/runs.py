@@ -1,0 +1,632 @@
+"""The papermill batch runner: expand a parameter grid, run one notebook per point, collect one results table.
+
+A grid file (YAML) holds one entry, or a list of them under ``runs:``::
+
+    runs:
+      - notebook: notebooks/04_prune_blip2.ipynb   # relative to the grid file, the repo root or the cwd
+        name: "{notebook}/{method}-s{sparsity}"    # optional str.format template of the run folder
+        parameters: {model: tiny-blip2-t5, task: vqa}
+        grid: {method: [wanda, sparsegpt], sparsity: [0.3, 0.5]}
+
+Each point of the product of ``grid`` values is one run with its own folder under ``out_dir``, named from
+the notebook's stem and the grid values (``04_prune_blip2/method=wanda,sparsity=0.5``). The runner injects
+``OUT_DIR`` (that folder, absolute) and the parameters into the notebook's ``parameters`` cell with papermill
+and keeps the executed notebook there.
+
+How a run is made safe to resume (our choice among "temporary folder moved into place" and "mark complete
+last"): the notebook writes straight into its final run folder, because ``OUT_DIR`` is often recorded inside
+results and figures and must stay valid after the run; the folder counts as complete only when it holds
+``results.json`` *and* the ``.complete`` marker, which is written last, atomically, after papermill returned
+and ``results.json`` was checked against the schema. So:
+
+- a complete run is skipped when the grid is run again;
+- a failed run (the notebook raised) is recorded with the first line of its error and leaves its folder
+  without the marker (the executed notebook with the traceback stays there to read);
+- a folder without the marker, from a failed or interrupted attempt, is not trusted: it is emptied and run
+  again. Only folders the runner made (stamped with ``.run.json``) are ever deleted.
+
+After the runs, :func:`collect_results` reads every complete run's ``results.json`` under ``out_dir`` into
+one table, and :func:`write_summary` writes ``results.csv``, ``results.md`` and ``figures/*.png``.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from .errors import UserError
+from .io import write_json_atomic, write_text_atomic
+
+COMPLETE = ".complete"
+STAMP = ".run.json"
+RESULTS = "results.json"
+ENTRY_KEYS = ("notebook", "parameters", "grid", "name")
+CORE_COLUMNS = ("model", "method", "sparsity", "task")
+RESERVED = ("OUT_DIR",)
+KERNEL_NAME = "ecoflap"
+_MAX_COMPONENT = 120
+
+
+# ----------------------------------------------------------------------------------------------- grid
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One point of a grid: the notebook, its parameters, and its folder (relative to ``out_dir``)."""
+
+    name: str
+    notebook: Path
+    parameters: dict
+    varying: dict
+
+
+def _safe_component(text: str) -> str:
+    s = re.sub(r"[^A-Za-z0-9._=,+@-]+", "_", text).strip("_").lstrip(".")
+    if not s:
+        s = "_"
+    if len(s) > _MAX_COMPONENT:
+        import hashlib
+
+        s = s[:100] + "-" + hashlib.sha1(s.encode()).hexdigest()[:8]
+    return s
+
+
+def _value_text(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v).lower()
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, (list, tuple)):
+        return "+".join(_value_text(x) for x in v)
+    if isinstance(v, Mapping):
+        return json.dumps(v, sort_keys=True, separators=(",", ":"))
+    return str(v)
+
+
+def run_name(stem: str, varying: Mapping[str, Any], parameters: Mapping[str, Any] | None = None,
+             template: str | None = None) -> str:
+    """The run folder, relative to ``out_dir``: ``<stem>/<k>=<v>,...`` over the grid keys, or ``template``
+    formatted with the parameters (and ``notebook`` = the stem); each path part made file-system safe."""
+    if template is None:
+        leaf = ",".join(f"{k}={_value_text(v)}" for k, v in varying.items()) or "default"
+        parts = [stem, leaf]
+    else:
+        values = {k: _value_text(v) for k, v in {**(parameters or {}), **varying}.items()}
+        values.setdefault("notebook", stem)
+        try:
+            text = template.format(**values)
+        except KeyError as e:
+            raise UserError(f"name template {template!r} uses {{{e.args[0]}}}, which is not a parameter: "
+                            f"use one of {', '.join(sorted(values))}") from None
+        except (ValueError, IndexError) as e:
+            raise UserError(f"name template {template!r} is not a valid format string ({e})") from None
+        parts = [p for p in text.replace("\\", "/").split("/") if p.strip()]
+        if not parts:
+            raise UserError(f"name template {template!r} gives an empty folder name: include a parameter, "
+                            f"e.g. '{{notebook}}/{{method}}'")
+    return "/".join(_safe_component(p) for p in parts)
+
+
+def _repo_root(start: Path) -> Path | None:
+    for d in (start, *start.parents):
+        if (d / ".git").exists() or (d / "pyproject.toml").exists():
+            return d
+    return None
+
+
+def _find_notebook(path: str, base_dirs: Sequence[Path], where: str) -> Path:
+    p = Path(path).expanduser()
+    tried = [p] if p.is_absolute() else [d / p for d in base_dirs]
+    for t in tried:
+        if t.is_file():
+            return t.resolve()
+    raise UserError(f"{where}: notebook {path!r} not found (looked in {', '.join(str(t) for t in dict.fromkeys(tried))}): "
+                    f"give a path relative to the grid file or the repository root")
+
+
+def load_grid(grid_path_or_dict: str | os.PathLike | Mapping | Sequence) -> tuple[dict | list, Path | None]:
+    """Read a grid: a YAML file's contents (with the file's folder) or an already parsed dict/list."""
+    if isinstance(grid_path_or_dict, (Mapping, list, tuple)):
+        return grid_path_or_dict, None
+    import yaml
+
+    path = Path(grid_path_or_dict)
+    if not path.is_file():
+        raise UserError(f"grid file {path} does not exist: pass the path of a YAML grid, e.g. grids/quick.yaml")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"grid file {path} is not valid YAML{at} ({problem}): fix the syntax there") from None
+    if data is None:
+        raise UserError(f"grid file {path} is empty: add 'notebook:', 'parameters:' and 'grid:' (or a 'runs:' list)")
+    return data, path.resolve().parent
+
+
+def expand_grid(grid_path_or_dict, *, base_dir: str | os.PathLike | None = None) -> list[RunSpec]:
+    """Expand a grid (YAML path, dict, or list of entries) into runs: the Cartesian product of each entry's
+    ``grid`` values over its base ``parameters``. Raises ``UserError`` naming the bad key."""
+    data, grid_dir = load_grid(grid_path_or_dict)
+    label = str(grid_path_or_dict) if grid_dir is not None else "grid"
+    if isinstance(data, Mapping) and "runs" in data:
+        extra = [k for k in data if k != "runs"]
+        if extra:
+            raise UserError(f"{label}: unknown top-level key(s) {', '.join(map(str, extra))} next to 'runs': "
+                            f"put them inside each entry's 'parameters'")
+        entries = data["runs"]
+        if isinstance(entries, Mapping):
+            entries = [entries]
+        where = "runs"
+    elif isinstance(data, Mapping):
+        entries, where = [data], None
+    elif isinstance(data, (list, tuple)):
+        entries, where = list(data), "runs"
+    else:
+        raise UserError(f"{label}: expected a mapping with 'notebook:' or a 'runs:' list, got {type(data).__name__}")
+    if not isinstance(entries, (list, tuple)) or not entries:
+        raise UserError(f"{label}: 'runs' must be a non-empty list of entries with 'notebook:'")
+
+    bases = [Path(base_dir)] if base_dir is not None else []
+    if grid_dir is not None:
+        bases.append(grid_dir)
+        root = _repo_root(grid_dir)
+        if root is not None:
+            bases.append(root)
+    bases += [Path.cwd()]
+    pkg_root = _repo_root(Path(__file__).resolve().parent)
+    if pkg_root is not None:
+        bases.append(pkg_root)
+
+    specs: list[RunSpec] = []
+    for i, entry in enumerate(entries):
+        at = f"{label}: {where}[{i}]" if where else label
+        specs += _expand_entry(entry, at, bases)
+
+    seen: dict[str, RunSpec] = {}
+    for s in specs:
+        key = s.name.lower()
+        if key in seen:
+            raise UserError(f"two runs share the folder {s.name!r} ({seen[key].parameters} and {s.parameters}): "
+                            f"give the entries different 'name' templates or grid keys")
+        seen[key] = s
+    return specs
+
+
+def _expand_entry(entry, at: str, bases: Sequence[Path]) -> list[RunSpec]:
+    if not isinstance(entry, Mapping):
+        raise UserError(f"{at}: each entry must be a mapping with 'notebook:', got {type(entry).__name__}")
+    unknown = [k for k in entry if k not in ENTRY_KEYS]
+    if unknown:
+        raise UserError(f"{at}: unknown key(s) {', '.join(map(str, unknown))}: an entry has only "
+                        f"{', '.join(ENTRY_KEYS)}")
+    if "notebook" not in entry or not isinstance(entry["notebook"], str) or not entry["notebook"].strip():
+        raise UserError(f"{at}.notebook is missing: give the notebook's path, e.g. notebooks/04_prune_blip2.ipynb")
+    notebook = _find_notebook(entry["notebook"], bases, f"{at}.notebook")
+    params = entry.get("parameters") or {}
+    if not isinstance(params, Mapping):
+        raise UserError(f"{at}.parameters must be a mapping name: value, got {type(params).__name__}")
+    grid = entry.get("grid") or {}
+    if not isinstance(grid, Mapping):
+        raise UserError(f"{at}.grid must be a mapping name: [values], got {type(grid).__name__}")
+    for k in list(params) + list(grid):
+        if not isinstance(k, str) or not k.isidentifier():
+            raise UserError(f"{at}: parameter name {k!r} is not a Python identifier: rename it as in the "
+                            f"notebook's parameters cell")
+        if k in RESERVED:
+            raise UserError(f"{at}: {k} is set by the runner (each run's folder): remove it from the grid file")
+    for k, vals in grid.items():
+        if not isinstance(vals, (list, tuple)):
+            raise UserError(f"{at}.grid.{k} must be a list of values, got {vals!r}: write {k}: [{_value_text(vals)}]")
+        if not vals:
+            raise UserError(f"{at}.grid.{k} is an empty list, so the grid has no runs: give at least one value")
+    template = entry.get("name")
+    if template is not None and not isinstance(template, str):
+        raise UserError(f"{at}.name must be a string template such as '{{notebook}}/{{method}}-{{sparsity}}'")
+    keys = list(grid)
+    out = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        varying = dict(zip(keys, combo))
+        p = {**params, **varying}
+        out.append(RunSpec(name=run_name(notebook.stem, varying, p, template), notebook=notebook,
+                           parameters=p, varying=varying))
+    return out
+
+
+# --------------------------------------------------------------------------------------------- kernel
+
+_KERNEL_CACHE: dict[tuple, str] = {}
+
+
+def _spec_uses_this_python(argv: Sequence[str]) -> bool:
+    """Whether a kernel spec's command starts this interpreter (the same environment, not just the same binary).
+
+    ``python``/``python3``/``python3.X`` are replaced by ``sys.executable`` by jupyter_client; an absolute path
+    counts when it lies in the same ``bin`` folder as ``sys.executable`` (symlinks not resolved: a venv's
+    python links to the base interpreter but is a different environment).
+    """
+    if not argv:
+        return False
+    exe = argv[0]
+    if exe in {"python", f"python{sys.version_info[0]}", "python%d.%d" % sys.version_info[:2]}:
+        return True
+    if not os.path.isabs(exe):
+        return False
+    here = Path(os.path.abspath(sys.executable))
+    there = Path(os.path.abspath(exe))
+    return there == here or (there.parent == here.parent and there.name.startswith("python"))
+
+
+def resolve_kernel(kernel_name: str | None = None, *, prefix: str | os.PathLike | None = None) -> str:
+    """The Jupyter kernel to run notebooks with, in the current interpreter's environment.
+
+    An explicit ``kernel_name`` must exist. Otherwise ``python3`` is used when its spec starts this Python;
+    if it starts another one (a user-wide spec shadowing the venv's), an ``ecoflap`` kernel spec pointing at
+    ``sys.executable`` is installed on demand with ipykernel under ``prefix`` (default ``sys.prefix``, i.e.
+    the virtualenv's ``share/jupyter``), at most once per process.
+    """
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+    ksm = KernelSpecManager()
+    specs = ksm.find_kernel_specs()
+    if kernel_name is not None:
+        if kernel_name not in specs:
+            raise UserError(f"Jupyter kernel {kernel_name!r} not found (have: {', '.join(sorted(specs)) or 'none'}): "
+                            f"omit --kernel to use this Python, or install it with "
+                            f"'python -m ipykernel install --sys-prefix --name {kernel_name}'")
+        return kernel_name
+    prefix = str(prefix or sys.prefix)
+    key = (sys.executable, prefix)
+    if key in _KERNEL_CACHE:
+        return _KERNEL_CACHE[key]
+    for name in ("python3", KERNEL_NAME):
+        if name in specs:
+            try:
+                if _spec_uses_this_python(ksm.get_kernel_spec(name).argv):
+                    _KERNEL_CACHE[key] = name
+                    return name
+            except NoSuchKernel:  # pragma: no cover - listed but not loadable
+                pass
+    from ipykernel.kernelspec import install
+
+    try:
+        install(kernel_name=KERNEL_NAME, display_name=f"Python ({Path(sys.prefix).name}, ecoflap)", prefix=prefix)
+    except OSError as e:
+        raise UserError(f"the python3 Jupyter kernel runs another Python than {sys.executable} and a kernel for "
+                        f"this one could not be installed under {prefix} ({e}): run '{sys.executable} -m "
+                        f"ipykernel install --user --name {KERNEL_NAME}' and pass --kernel {KERNEL_NAME}") from None
+    try:
+        argv = KernelSpecManager().get_kernel_spec(KERNEL_NAME).argv
+    except NoSuchKernel:
+        argv = []
+    if not _spec_uses_this_python(argv):
+        raise UserError(f"could not make a Jupyter kernel for {sys.executable}: another '{KERNEL_NAME}' kernel "
+                        f"spec shadows the one installed under {prefix}; pass --kernel NAME of a kernel for this "
+                        f"Python")
+    _KERNEL_CACHE[key] = KERNEL_NAME
+    return KERNEL_NAME
+
+
+# -------------------------------------------------------------------------------------------- running
+
+@dataclass
+class RunOutcome:
+    """What happened to one run: ``status`` is ``done``, ``skipped`` (already complete) or ``failed``."""
+
+    spec: RunSpec
+    run_dir: Path
+    status: str
+    error: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+@dataclass
+class GridResult:
+    """A batch: each run's outcome, the results table of ``out_dir`` and the summary files written."""
+
+    out_dir: Path
+    runs: list[RunOutcome]
+    results: Any = None  # pandas.DataFrame
+    table: str = ""
+    files: list[Path] = field(default_factory=list)
+    figures: list[Path] = field(default_factory=list)
+
+    @property
+    def executed(self) -> list[str]:
+        return [r.name for r in self.runs if r.status != "skipped"]
+
+    @property
+    def skipped(self) -> list[str]:
+        return [r.name for r in self.runs if r.status == "skipped"]
+
+    @property
+    def failed(self) -> list[RunOutcome]:
+        return [r for r in self.runs if r.status == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+def is_complete(run_dir: str | os.PathLike) -> bool:
+    """A run folder is complete when it holds ``results.json`` and the ``.complete`` marker (written last)."""
+    d = Path(run_dir)
+    return (d / COMPLETE).is_file() and (d / RESULTS).is_file()
+
+
+def _first_line(e: BaseException) -> str:
+    from papermill.exceptions import PapermillExecutionError
+
+    if isinstance(e, PapermillExecutionError):
+        text = f"{e.ename}: {e.evalue}"
+    else:
+        text = f"{type(e).__name__}: {e}"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
+def check_results(obj: Any, path: str | os.PathLike = RESULTS) -> list[dict]:
+    """Validate a results.json body: one record or a list of records in the house schema
+    ``{"model", "method", "sparsity", "task", "metrics": {...}, "resources": {...}, "config": {...}}``."""
+    records = obj if isinstance(obj, list) else [obj]
+    if not records:
+        raise UserError(f"{path} holds an empty list: write at least one result record")
+    for i, r in enumerate(records):
+        where = f"{path}" + (f"[{i}]" if isinstance(obj, list) else "")
+        if not isinstance(r, Mapping):
+            raise UserError(f"{where} is not a record (a JSON object): write {{'model', 'method', 'sparsity', "
+                            f"'task', 'metrics'}}")
+        if not isinstance(r.get("metrics"), Mapping):
+            raise UserError(f"{where} has no 'metrics' object: put the measured numbers under 'metrics'")
+        for k in ("resources", "config"):
+            if k in r and r[k] is not None and not isinstance(r[k], Mapping):
+                raise UserError(f"{where}.{k} must be an object, got {type(r[k]).__name__}")
+    return [dict(r) for r in records]
+
+
+def _prepare_run_dir(run_dir: Path, out_dir: Path) -> None:
+    """Empty a stale run folder (ours: stamped, or already empty); refuse to touch anything else."""
+    if run_dir.exists():
+        if not run_dir.is_dir():
+            raise UserError(f"{run_dir} exists and is not a folder: move it away or choose another --out")
+        contents = list(run_dir.iterdir())
+        if contents and not (run_dir / STAMP).is_file():
+            raise UserError(f"{run_dir} holds files that this runner did not write: move them away or choose "
+                            f"another --out")
+        if contents:
+            assert out_dir in run_dir.parents
+            shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _execute(spec: RunSpec, run_dir: Path, out_dir: Path, *, kernel_name: str, timeout: float | None) -> RunOutcome:
+    import papermill as pm
+
+    _prepare_run_dir(run_dir, out_dir)
+    started = time.time()
+    write_json_atomic(run_dir / STAMP, {"name": spec.name, "notebook": str(spec.notebook),
+                                        "parameters": spec.parameters, "kernel": kernel_name,
+                                        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started))})
+    try:
+        pm.execute_notebook(
+            str(spec.notebook), str(run_dir / spec.notebook.name),
+            parameters={**spec.parameters, "OUT_DIR": str(run_dir)},
+            kernel_name=kernel_name, cwd=str(spec.notebook.parent), progress_bar=False,
+            execution_timeout=int(math.ceil(timeout)) if timeout else None,
+        )
+        res = run_dir / RESULTS
+        if not res.is_file():
+            raise UserError(f"the notebook finished but wrote no {RESULTS} in OUT_DIR: save results there")
+        try:
+            check_results(json.loads(res.read_text()), res.relative_to(out_dir))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{res.relative_to(out_dir)} is not valid JSON ({e})") from None
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:  # a failing run must not stop the batch
+        err = _first_line(e)
+        write_text_atomic(run_dir / "error.txt", f"{err}\n\n{e}\n")
+        return RunOutcome(spec, run_dir, "failed", err, time.time() - started)
+    seconds = time.time() - started
+    write_json_atomic(run_dir / COMPLETE, {"name": spec.name, "seconds": round(seconds, 3),
+                                           "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return RunOutcome(spec, run_dir, "done", None, seconds)
+
+
+def run_grid(grid_path_or_dict, out_dir: str | os.PathLike = "runs", *, kernel_name: str | None = None,
+             progress: bool = True, timeout: float | None = None, summary: bool = True) -> GridResult:
+    """Run every point of a grid with papermill, skipping complete runs, then write the results table.
+
+    Each run's notebook gets ``OUT_DIR`` (its folder under ``out_dir``) and its parameters; see the module
+    docstring for the resume rules. Failing runs are recorded (first line of the error) and the batch goes
+    on. ``timeout`` limits each cell (seconds). ``kernel_name`` defaults to a kernel of this Python
+    (:func:`resolve_kernel`). With ``summary`` (default) ``results.csv``, ``results.md`` and
+    ``figures/<model>_<task>_<metric>.png`` are written and the table and failures printed.
+    """
+    from tqdm.auto import tqdm
+
+    specs = expand_grid(grid_path_or_dict)
+    out = Path(out_dir).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    kernel = None
+    outcomes: list[RunOutcome] = []
+    bar = tqdm(specs, desc="runs", unit="run", disable=None if progress else True)
+    for spec in bar:
+        run_dir = out / spec.name
+        bar.set_postfix_str(spec.name, refresh=False)
+        if is_complete(run_dir):
+            outcomes.append(RunOutcome(spec, run_dir, "skipped"))
+            continue
+        if kernel is None:
+            kernel = resolve_kernel(kernel_name)
+        outcomes.append(_execute(spec, run_dir, out, kernel_name=kernel, timeout=timeout))
+    bar.close()
+    result = GridResult(out_dir=out, runs=outcomes)
+    if summary:
+        df = collect_results(out)
+        result.results = df
+        result.files, result.figures, result.table = write_summary(out, df)
+        print(report_text(result))
+    return result
+
+
+def report_text(result: GridResult) -> str:
+    """The end-of-batch report: counts, the results table, where the figures are, and the failed runs."""
+    n = len(result.runs)
+    lines = [f"{n} run(s): {n - len(result.skipped) - len(result.failed)} done, {len(result.skipped)} skipped "
+             f"(already complete), {len(result.failed)} failed"]
+    if result.table:
+        lines += ["", result.table, ""]
+    if result.files:
+        lines.append("wrote " + ", ".join(str(p) for p in result.files))
+    if result.figures:
+        lines.append(f"{len(result.figures)} figure(s) in {result.out_dir / 'figures'}")
+    if result.failed:
+        lines.append(f"{len(result.failed)} failed run(s) (no {COMPLETE} marker; run the grid again to retry):")
+        for r in result.failed:
+            lines.append(f"  {r.name}: {r.error}  [{r.run_dir / r.spec.notebook.name}]")
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------- results
+
+def _flatten(prefix: str, obj: Mapping, out: dict) -> None:
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, Mapping):
+            _flatten(f"{key}.", v, out)
+        elif isinstance(v, (list, tuple)):
+            out[key] = json.dumps(v)
+        else:
+            out[key] = v
+
+
+def records_frame(records: Iterable[Mapping], runs: Sequence[str] | None = None):
+    """Result records (house schema) as a DataFrame: one row per record; ``model``, ``task``, ``method``,
+    ``sparsity``; one column per metric (nested metrics joined with ``.``); ``resources.*``, ``config.*``."""
+    import pandas as pd
+
+    rows = []
+    for i, r in enumerate(records):
+        row: dict[str, Any] = {}
+        if runs is not None:
+            row["run"] = runs[i]
+        for k in CORE_COLUMNS:
+            row[k] = r.get(k)
+        metrics: dict[str, Any] = {}
+        _flatten("", r.get("metrics") or {}, metrics)
+        for k, v in metrics.items():
+            row[k if k not in row and k != "run" and not k.startswith(("resources.", "config.")) else f"metrics.{k}"] = v
+        _flatten("resources.", r.get("resources") or {}, row)
+        _flatten("config.", r.get("config") or {}, row)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    for k in (("run",) if runs is not None else ()) + CORE_COLUMNS:
+        if k not in df.columns:
+            df[k] = None
+    return df
+
+
+def metric_columns(df) -> list[str]:
+    """The metric columns of a results frame (everything but run/core/resources/config columns)."""
+    return [c for c in df.columns if c not in ("run", *CORE_COLUMNS) and not c.startswith(("resources.", "config."))]
+
+
+def collect_results(out_dir: str | os.PathLike = "runs"):
+    """Every complete run's ``results.json`` under ``out_dir`` as one DataFrame (see :func:`records_frame`),
+    with a ``run`` column (the run folder), sorted by model, task, method, sparsity."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise UserError(f"{out} is not a folder of runs: run a grid into it first")
+    records, names = [], []
+    for marker in sorted(out.rglob(COMPLETE)):
+        d = marker.parent
+        if not is_complete(d):
+            continue
+        path = d / RESULTS
+        try:
+            body = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path} is not valid JSON ({e}): delete {marker} and run the grid again") from None
+        for rec in check_results(body, path):
+            records.append(rec)
+            names.append(d.relative_to(out).as_posix())
+    df = records_frame(records, runs=names)
+    cols = ["run", *CORE_COLUMNS]
+    df = df[cols + [c for c in df.columns if c not in cols]]
+    return sort_results(df)
+
+
+def sort_results(df):
+    """Sort a results frame by model, task, method, sparsity (missing values last)."""
+    if df.empty:
+        return df.reset_index(drop=True)
+    key = lambda s: s.astype(float) if s.name == "sparsity" else s.astype(str)
+    return df.sort_values(["model", "task", "method", "sparsity"], key=key, na_position="last",
+                          kind="stable").reset_index(drop=True)
+
+
+def results_markdown(df, *, floatfmt: str = ".4f") -> str:
+    """Markdown table: model, task, method, sparsity, then the metric columns."""
+    from .report import format_table
+
+    if df.empty:
+        return "(no complete runs)"
+    cols = ["model", "task", "method", "sparsity", *metric_columns(df)]
+    rows = []
+    for rec in df[cols].to_dict("records"):
+        rows.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()})
+    return format_table(rows, cols, floatfmt=floatfmt)
+
+
+def write_summary(out_dir: str | os.PathLike, df=None) -> tuple[list[Path], list[Path], str]:
+    """Write ``results.csv``, ``results.md`` and ``figures/<model>_<task>_<metric>.png`` (metric against
+    sparsity, one line per method) in ``out_dir``, atomically. Returns (files, figures, markdown table)."""
+    out = Path(out_dir)
+    if df is None:
+        df = collect_results(out)
+    table = results_markdown(df)
+    write_text_atomic(out / "results.csv", df.to_csv(index=False))
+    write_text_atomic(out / "results.md", table + "\n")
+    return [out / "results.csv", out / "results.md"], summary_figures(out, df), table
+
+
+def summary_figures(out_dir: str | os.PathLike, df) -> list[Path]:
+    """One PNG per (model, task, numeric metric): the metric against sparsity, one line per method."""
+    import matplotlib as mpl
+    from matplotlib.figure import Figure
+    import pandas as pd
+
+    from . import plots
+
+    paths: list[Path] = []
+    if df.empty:
+        return paths
+    with mpl.rc_context():
+        plots.set_style()
+        for (model, task), sub in df.groupby([df["model"].fillna("model").astype(str),
+                                              df["task"].fillna("task").astype(str)], sort=True):
+            if sub["sparsity"].isna().all():
+                continue
+            for metric in metric_columns(sub):
+                values = pd.to_numeric(sub[metric], errors="coerce")
+                if values.isna().all() or sub[metric].map(lambda v: isinstance(v, bool)).any():
+                    continue
+                fig = Figure(figsize=(5.5, 3.8))
+                ax = fig.add_subplot()
+                plots.metric_vs_sparsity(ax, sub.assign(**{metric: values}), metric)
+                ax.set_title(f"{model} · {task}")
+                paths.append(plots.save(fig, out_dir, f"{model}_{task}_{metric}"))
+    return paths
