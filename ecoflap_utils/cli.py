@@ -72,10 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                                      description="ECoFLaP: coarse-to-fine layer-wise pruning, step by step.")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_prune(sub)
-    for extra in ("_add_evaluate", "_add_runs"):
-        fn = globals().get(extra)
-        if fn:
-            fn(sub)
+    from .cli_evaluate import add_evaluate_parser
+    from .cli_runs import add_runs_parser
+
+    add_evaluate_parser(sub)
+    add_runs_parser(sub)
     return parser
 
 

@@ -1,0 +1,92 @@
+"""The ``evaluate`` subcommand: ``python -m ecoflap_utils evaluate --model NAME_OR_RUN --task TASK --out DIR``.
+
+Thin: it parses flags and calls :func:`ecoflap_utils.evaluate.run_evaluate`. A UserError propagates
+(``cli.main`` prints it on one line and exits with code 2).
+"""
+from __future__ import annotations
+
+import argparse
+
+from .evaluate import TASKS
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Show a flag's default unless its help already says it (or there is none to show)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``evaluate`` to an ``argparse`` subparsers object; returns the new parser."""
+    p = subparsers.add_parser(
+        "evaluate", help="evaluate a dense or pruned model and write results.json",
+        formatter_class=_HelpFormatter,
+        description="Evaluate a model (a name, or a pruned run's folder holding pruning_config.json) on one task "
+                    "and write DIR/results.json ({model, method, sparsity, task, metrics, resources, config}); "
+                    "generation tasks also write predictions.json, zero-shot writes clip_benchmark.json. "
+                    "Data layouts: data/BENCHMARKS.md. Without --data the model's bundled held-out set is used.")
+    p.add_argument("--model", required=True,
+                   help="model name (tiny-clip, tiny-blip2-t5, smollm2-135m, open_clip:ARCH/PRETRAINED, a Hugging "
+                        "Face id or folder) or a pruned run's folder (method and sparsity are read from it)")
+    p.add_argument("--task", default=None, choices=TASKS,
+                   help="what to evaluate: zeroshot/retrieval (CLIP), vqav2/okvqa/gqa/caption (BLIP-2), "
+                        "perplexity (causal LM); default: the model's default task")
+    p.add_argument("--data", default=None,
+                   help="zeroshot: ImageFolder dir or CSV of path,label; retrieval: Karpathy JSON; vqav2/okvqa: "
+                        "questions JSON or its folder; gqa: questions JSON; caption: COCO/NoCaps captions JSON; "
+                        "perplexity: raw text file (default: the model's bundled held-out set)")
+    p.add_argument("--annotations", default=None,
+                   help="vqav2/okvqa: the annotations JSON (default: the one *annotations*.json next to the questions)")
+    p.add_argument("--image-root", default=None,
+                   help="folder the dataset's image paths are relative to (default: next to the annotation file)")
+    p.add_argument("--split", default="test", help="Karpathy split to read from a Karpathy JSON (test, val, ...)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="evaluate on this many examples only (first ones; evenly spaced for zeroshot; windows "
+                        "for perplexity)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="batch size (default: 64 for CLIP tasks, 16 for generation, 1 window for perplexity)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
+    p.add_argument("--classnames", default=None,
+                   help="zeroshot: file with one class name per line, in label order (default: folder names or "
+                        "CSV labels)")
+    p.add_argument("--templates", default=None,
+                   help="zeroshot: file with one prompt template per line, '{}' for the class name "
+                        "(default: a built-in list of 7 CLIP templates)")
+    p.add_argument("--prompt", default=None,
+                   help="VQA prompt with '{}' for the question (default 'Question: {} Short answer:'); "
+                        "caption prompt (default 'a photo of'; '' for none)")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="generation length cap (default: 10 for VQA, 30 for captions)")
+    p.add_argument("--num-beams", type=int, default=None, help="beam width for generation (default 5, as LAVIS)")
+    p.add_argument("--window", type=int, default=None,
+                   help="perplexity: tokens per window (default: min(512, the model's context))")
+    p.add_argument("--stride", type=int, default=None,
+                   help="perplexity: tokens between window starts; less than --window scores only new tokens "
+                        "(default: --window, non-overlapping)")
+    p.add_argument("--out", required=True, help="output directory for results.json (must not hold a run unless "
+                                                "--overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(func=_cmd_evaluate)
+    return p
+
+
+def _cmd_evaluate(a) -> int:
+    from .evaluate import run_evaluate
+
+    record = run_evaluate(
+        model=a.model, task=a.task, data=a.data, out=a.out, limit=a.limit, batch_size=a.batch_size, device=a.device,
+        dtype=a.dtype, classnames=a.classnames, templates=a.templates, annotations=a.annotations,
+        image_root=a.image_root, split=a.split, prompt=a.prompt, max_new_tokens=a.max_new_tokens,
+        num_beams=a.num_beams, window=a.window, stride=a.stride, overwrite=a.overwrite,
+        progress=False if a.no_progress else None,
+    )
+    shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["metrics"].items())
+    print(f"{record['model']} [{record['method']}, sparsity {record['sparsity']}] {record['task']}: {shown}")
+    print(f"wrote {a.out}/results.json")
+    return 0

@@ -1,0 +1,690 @@
+"""Evaluation of dense and pruned models on the ECoFLaP benchmarks (paper Sec. 4, Tables 1-4).
+
+* CLIP: zero-shot classification (top-1/top-5, mean per-class recall) and image-text retrieval
+  (R@1/5/10), following CLIP (Radford et al. 2021) and CLIP_benchmark's JSON;
+* BLIP-2: VQAv2 / OK-VQA (VQA accuracy), GQA (exact match) and captioning (CIDEr-D, BLEU-4),
+  generated the way BLIP-2/LAVIS does (prompt ``"Question: {} Short answer:"``, beam search);
+* causal LMs: WikiText-2 perplexity with the SparseGPT/Wanda protocol.
+
+Everything is batched, runs on the model's device and dtype (read from its parameters), shows tqdm
+progress bars (quiet off a terminal), and takes ``limit`` to evaluate on the first examples only.
+Metrics come from :mod:`ecoflap_utils.metrics`; readers from :mod:`ecoflap_utils.data.formats`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import metrics as M
+from .data import formats
+from .errors import UserError
+
+TASKS = ("zeroshot", "retrieval", "vqav2", "okvqa", "gqa", "caption", "perplexity")
+FAMILY_TASKS = {
+    "clip": ("zeroshot", "retrieval"),
+    "blip2": ("vqav2", "okvqa", "gqa", "caption"),
+    "causal_lm": ("perplexity",),
+}
+FAMILY_NAMES = {"clip": "CLIP", "blip2": "BLIP-2", "causal_lm": "causal language model"}
+TASK_NEEDS = {"zeroshot": "clip", "retrieval": "clip", "vqav2": "blip2", "okvqa": "blip2", "gqa": "blip2",
+              "caption": "blip2", "perplexity": "causal_lm"}
+
+#: A small prompt ensemble (the 7 templates CLIP's authors picked for ImageNet) used without --templates.
+DEFAULT_TEMPLATES = (
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
+)
+VQA_PROMPT = "Question: {} Short answer:"
+CAPTION_PROMPT = "a photo of"
+# BLIP-2's image processor normalises with OpenAI CLIP's statistics.
+_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+# --------------------------------------------------------------------------- small helpers
+def _disable(progress: bool | None) -> bool | None:
+    """tqdm's ``disable``: None shows bars only on a terminal; False hides them."""
+    return None if progress in (None, True) else True
+
+
+def _check_positive(value: int | None, name: str) -> None:
+    if value is not None and (not isinstance(value, (int, np.integer)) or value < 1):
+        raise UserError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _first_float_param(module: torch.nn.Module) -> torch.nn.Parameter | None:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p
+    return None
+
+
+def _image_device_dtype(adapter) -> tuple[torch.device, torch.dtype]:
+    """Where the image side of the model lives and which dtype its inputs need."""
+    if hasattr(adapter, "vision_dtype"):
+        return adapter.input_device(), adapter.vision_dtype()
+    model = adapter.model
+    p = _first_float_param(getattr(model, "visual", model))
+    p = p if p is not None else _first_float_param(model)
+    if p is None:
+        return torch.device("cpu"), torch.float32
+    return p.device, p.dtype
+
+
+def _text_device(adapter) -> torch.device:
+    p = _first_float_param(adapter.model)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _image_transform(adapter):
+    """PIL -> tensor: the adapter's ``preprocess``, its HF ``image_processor``, or BLIP-2's transform."""
+    pre = getattr(adapter, "preprocess", None)
+    if pre is not None:
+        return pre
+    proc = getattr(adapter, "image_processor", None)
+    if proc is not None:
+        return lambda im: proc(images=im, return_tensors="pt")["pixel_values"][0]
+    cfg = getattr(getattr(adapter.model, "config", None), "vision_config", None)
+    if cfg is None:
+        raise UserError(f"{adapter.name} has no image transform (adapter.preprocess): pass preprocessed tensors")
+    from torchvision import transforms as T
+
+    size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
+    return T.Compose([T.Lambda(lambda im: im.convert("RGB")),
+                      T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
+                      T.ToTensor(), T.Normalize(_CLIP_MEAN, _CLIP_STD)])
+
+
+def image_batch(adapter, images: Sequence[Any]) -> torch.Tensor:
+    """Stack images (paths, PIL images or preprocessed tensors) on the model's image device and dtype."""
+    transform = None
+    out = []
+    for im in images:
+        im = formats.load_image(im)
+        if not isinstance(im, torch.Tensor):
+            transform = transform or _image_transform(adapter)
+            im = transform(im)
+        out.append(im)
+    device, dtype = _image_device_dtype(adapter)
+    return torch.stack(out).to(device=device, dtype=dtype)
+
+
+def _chunks(seq: Sequence[Any], size: int):
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=-1)
+
+
+def encode_images(adapter, images: Sequence[Any], *, batch_size: int = 64, progress: bool | None = None,
+                  desc: str = "images") -> torch.Tensor:
+    """L2-normalised image embeddings (float32, CPU), ``batch_size`` images at a time."""
+    out = []
+    with torch.inference_mode():
+        for chunk in tqdm(list(_chunks(list(images), batch_size)), desc=desc, disable=_disable(progress), leave=False):
+            out.append(_normalise(adapter.encode_image(image_batch(adapter, chunk))).cpu())
+    return torch.cat(out)
+
+
+def encode_texts(adapter, texts: Sequence[str], *, batch_size: int = 64, progress: bool | None = None,
+                 desc: str = "texts") -> torch.Tensor:
+    """L2-normalised text embeddings (float32, CPU) of ``adapter.tokenizer(texts)``, in batches."""
+    device = _text_device(adapter)
+    out = []
+    with torch.inference_mode():
+        for chunk in tqdm(list(_chunks(list(texts), batch_size)), desc=desc, disable=_disable(progress), leave=False):
+            tokens = adapter.tokenizer(list(chunk)).to(device)
+            out.append(_normalise(adapter.encode_text(tokens)).cpu())
+    return torch.cat(out)
+
+
+def _subset_indices(n: int, limit: int | None, spread: bool) -> list[int]:
+    if limit is None or limit >= n:
+        return list(range(n))
+    if spread:  # evenly spaced, so that a class-sorted set keeps every class
+        return [i * n // limit for i in range(limit)]
+    return list(range(limit))
+
+
+def _fill(template: str, name: str) -> str:
+    return template.format(c=name) if "{c}" in template else template.format(name)
+
+
+# --------------------------------------------------------------------------- zero-shot classification
+def classifier_weights(adapter, classnames: Sequence[str], templates: Sequence[str], *,
+                       progress: bool | None = None) -> torch.Tensor:
+    """Zero-shot classifier (CLIP, Radford et al. 2021, Sec. 3.1.4): for each class the normalised mean of
+    the normalised text embeddings of its prompts. Returns (n_classes, dim), float32 on the CPU."""
+    if not templates:
+        raise UserError("no prompt templates: give at least one, e.g. 'a photo of a {}.'")
+    for t in templates:
+        if "{}" not in t and "{c}" not in t:
+            raise UserError(f"template {t!r} has no '{{}}' (or '{{c}}') where the class name goes")
+    rows = []
+    for name in tqdm(list(classnames), desc="classes", disable=_disable(progress), leave=False):
+        emb = encode_texts(adapter, [_fill(t, name) for t in templates], batch_size=len(templates), progress=False)
+        rows.append(_normalise(emb.mean(dim=0)))
+    return torch.stack(rows)
+
+
+def zeroshot_classification(adapter, dataset: Any, *, classnames: Sequence[str] | None = None,
+                            templates: Sequence[str] | None = None, batch_size: int = 64, limit: int | None = None,
+                            dataset_name: str | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """CLIP zero-shot classification (Radford et al. 2021; ECoFLaP Table 3): logits = image_emb @ text_emb.T.
+
+    ``dataset`` is an ImageFolder directory, a CSV of ``path,label``, a list of ``(image, label)`` or a
+    :class:`~ecoflap_utils.data.formats.ClassificationSet`. ``limit`` keeps that many evenly spaced
+    examples (a class-sorted folder would otherwise give one class). Returns ``acc1``, ``acc5``,
+    ``mean_per_class_recall`` (percent), ``n`` and ``clip_benchmark`` (CLIP_benchmark's result JSON).
+    """
+    _check_positive(batch_size, "batch_size")
+    _check_positive(limit, "limit")
+    ds = formats.load_classification(dataset, classnames=classnames)
+    names = list(classnames) if classnames is not None else ds.classnames
+    if not names:
+        raise UserError("zero-shot classification needs class names: pass --classnames FILE (one per line)")
+    if max(ds.labels) >= len(names) or min(ds.labels) < 0:
+        raise UserError(f"labels run from {min(ds.labels)} to {max(ds.labels)} but there are {len(names)} class "
+                        "names: give one class name per label")
+    idx = _subset_indices(len(ds), limit, spread=True)
+    images = [ds.images[i] for i in idx]
+    labels = np.asarray([ds.labels[i] for i in idx], dtype=np.int64)
+    weights = classifier_weights(adapter, names, list(templates or DEFAULT_TEMPLATES), progress=progress)
+    feats = encode_images(adapter, images, batch_size=batch_size, progress=progress)
+    logits = (feats @ weights.T).numpy()
+    top = M.topk_accuracy(logits, labels, ks=(1, 5))
+    out = {"acc1": top["top1"], "acc5": top["top5"],
+           "mean_per_class_recall": M.mean_per_class_recall(logits, labels), "n": len(idx)}
+    out["clip_benchmark"] = {
+        "dataset": dataset_name or ds.name, "model": adapter.name, "task": "zeroshot_classification",
+        "metrics": {k: out[k] / 100.0 for k in ("acc1", "acc5", "mean_per_class_recall")},
+    }
+    return out
+
+
+# --------------------------------------------------------------------------- retrieval
+def retrieval(adapter, dataset: Any, *, batch_size: int = 64, limit: int | None = None, split: str | None = "test",
+              image_root: str | os.PathLike | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Image->text and text->image recall@1/5/10 (BLIP/LAVIS Karpathy protocol; ECoFLaP Table 3).
+
+    ``dataset``: a Karpathy-style COCO/Flickr30k JSON (several captions per image), a list of
+    ``{"image", "captions"}`` or a :class:`~ecoflap_utils.data.formats.RetrievalSet`; ``limit`` keeps
+    the first images with all their captions. Similarity is the cosine of CLIP embeddings.
+    """
+    _check_positive(batch_size, "batch_size")
+    _check_positive(limit, "limit")
+    if isinstance(dataset, (str, os.PathLike)):
+        ds = formats.read_karpathy(dataset, split=split, image_root=image_root)
+    else:
+        ds = formats.retrieval_from_memory(dataset)
+    if limit is not None and limit < len(ds):
+        ds = ds.subset(limit)
+    img = encode_images(adapter, ds.images, batch_size=batch_size, progress=progress)
+    txt = encode_texts(adapter, ds.texts, batch_size=batch_size, progress=progress)
+    sim = (img @ txt.T).numpy()
+    out: dict[str, Any] = M.retrieval_recall(sim, ds.txt2img, ds.img2txt, ks=(1, 5, 10))
+    out.update(n_images=len(ds.images), n_texts=len(ds.texts))
+    return out
+
+
+# --------------------------------------------------------------------------- BLIP-2 generation
+def _tokenize_prompt(tokenizer, text: str) -> list[int]:
+    # Blip2Processor tokenises the prompt with the tokenizer's special tokens (BOS for OPT, EOS for T5).
+    ids = tokenizer.encode(text, add_special_tokens=True)
+    return list(ids.tolist() if hasattr(ids, "tolist") else ids)
+
+
+def generate_answers(adapter, images: Sequence[Any], prompts: Sequence[str] | str, *, max_new_tokens: int = 10,
+                     min_new_tokens: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
+                     batch_size: int = 16, progress: bool | None = None) -> list[str]:
+    """Generate one text per image with a BLIP-2 model (Li et al. 2023, Sec. 3.3), deterministically.
+
+    The language model's input is ``num_query_tokens`` copies of ``config.image_token_index`` (replaced by
+    the Q-Former outputs inside ``Blip2ForConditionalGeneration.generate``) followed by the tokenised
+    prompt, as ``Blip2Processor`` builds it. Decoder-only LMs (OPT, LLaMA) get left padding and their
+    output is cut after the prompt; a T5 LM reads the prompt in its encoder and its decoder output is the text.
+    """
+    _check_positive(batch_size, "batch_size")
+    _check_positive(max_new_tokens, "max_new_tokens")
+    _check_positive(num_beams, "num_beams")
+    images = list(images)
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != len(images):
+        raise UserError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image (or one for all)")
+    if not images:
+        return []
+    tok = getattr(adapter, "tokenizer", None)
+    if tok is None:
+        raise UserError(f"{adapter.name} has no tokenizer: load it from a folder that holds the tokenizer files")
+    model = adapter.model
+    cfg = model.config
+    n_query, image_token = cfg.num_query_tokens, cfg.image_token_index
+    decoder_only = bool(cfg.use_decoder_only_language_model)
+    text_cfg = cfg.text_config
+    pad = getattr(adapter, "pad_id", None)
+    pad = int(pad if pad is not None else (text_cfg.pad_token_id or 0))
+    gen_kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
+                                  pad_token_id=pad)
+    if min_new_tokens:
+        gen_kw["min_new_tokens"] = min(min_new_tokens, max_new_tokens)
+    if num_beams > 1:
+        gen_kw["length_penalty"] = length_penalty
+    if getattr(text_cfg, "eos_token_id", None) is not None:
+        gen_kw["eos_token_id"] = text_cfg.eos_token_id
+    device = adapter.input_device()
+    answers: list[str] = []
+    pairs = list(zip(images, prompts))
+    for chunk in tqdm(list(_chunks(pairs, batch_size)), desc="generate", disable=_disable(progress), leave=False):
+        pixel = image_batch(adapter, [im for im, _ in chunk])
+        seqs = [[image_token] * n_query + _tokenize_prompt(tok, p) for _, p in chunk]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            span = slice(width - len(s), width) if decoder_only else slice(0, len(s))
+            ids[i, span] = torch.tensor(s, dtype=torch.long)
+            mask[i, span] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.inference_mode():
+            out = model.generate(pixel_values=pixel, input_ids=ids, attention_mask=mask, **gen_kw)
+        if decoder_only and out.shape[1] >= width and torch.equal(out[:, :width], ids):
+            out = out[:, width:]  # the LM returns the prompt followed by the new tokens
+        answers += [tok.decode(row.tolist(), skip_special_tokens=True).strip() for row in out]
+    return answers
+
+
+def score_vqa(predictions: Sequence[str], answers: Sequence[Any], *, metric: str = "vqa") -> float:
+    """VQA accuracy in percent: ``metric="vqa"`` is the VQAv2 soft accuracy over the 10 human answers
+    (official VQA eval); ``"exact_match"`` is GQA's exact match against one answer."""
+    if len(predictions) != len(answers):
+        raise UserError(f"{len(predictions)} predictions but {len(answers)} answer entries: predictions and "
+                        "references must have the same length (one prediction per question)")
+    if not predictions:
+        raise UserError("no questions to score")
+    if metric == "vqa":
+        return M.vqa_accuracy(list(predictions), [list(a) for a in answers])
+    if metric == "exact_match":
+        return M.exact_match_accuracy(list(predictions), [str(a) for a in answers])
+    raise UserError(f"unknown VQA metric {metric!r}: use 'vqa' or 'exact_match'")
+
+
+def vqa(adapter, questions: Sequence[Mapping[str, Any]], *, prompt: str = VQA_PROMPT, max_new_tokens: int = 10,
+        min_new_tokens: int = 1, num_beams: int = 5, length_penalty: float = -1.0, batch_size: int = 16,
+        limit: int | None = None, metric: str | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Zero-shot VQA with BLIP-2 (ECoFLaP Table 1; LAVIS's VQAv2/OK-VQA/GQA zero-shot settings:
+    prompt ``"Question: {} Short answer:"``, beam 5, at most 10 tokens, length penalty -1).
+
+    ``questions``: rows ``{"image", "question", "answers": [...]}`` (VQAv2/OK-VQA, scored with the VQA
+    soft accuracy) or ``{"image", "question", "answer": str}`` (GQA, exact match). Returns
+    ``vqa_accuracy`` (percent), ``n`` and the ``predictions``.
+    """
+    _check_positive(limit, "limit")
+    if "{}" not in prompt:
+        raise UserError(f"VQA prompt {prompt!r} has no '{{}}' where the question goes")
+    rows = formats.check_rows(questions, ("image", "question"), "VQA",
+                              "{'image': ..., 'question': str, 'answers': [str, ...]}")
+    rows = rows[:limit] if limit is not None else rows
+    if metric is None:
+        metric = "vqa" if all("answers" in r for r in rows) else "exact_match"
+    key = "answers" if metric == "vqa" else "answer"
+    for i, r in enumerate(rows):
+        if key not in r:
+            raise UserError(f"VQA row {i} has no {key!r} field: VQAv2/OK-VQA rows need 'answers' (a list), "
+                            "GQA rows need 'answer' (a string)")
+    preds = generate_answers(adapter, [r["image"] for r in rows], [prompt.format(r["question"]) for r in rows],
+                             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
+                             length_penalty=length_penalty, batch_size=batch_size, progress=progress)
+    acc = score_vqa(preds, [r[key] for r in rows], metric=metric)
+    return {"vqa_accuracy": acc, "n": len(rows),
+            "predictions": [{"question_id": r.get("question_id", i), "question": r["question"], "prediction": p,
+                             key: r[key]} for i, (r, p) in enumerate(zip(rows, preds))]}
+
+
+def score_captions(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """CIDEr-D (Vedantam et al. 2015) and BLEU-4 (Papineni et al. 2002), both x100 as in the paper tables,
+    on PTB-like tokenised, lower-cased text (``metrics.simple_tokenize``, as pycocoevalcap tokenises)."""
+    if len(predictions) != len(references):
+        raise UserError(f"{len(predictions)} predictions but {len(references)} reference lists: predictions and "
+                        "references must have the same length (one caption per image)")
+    if not predictions:
+        raise UserError("no captions to score")
+    for i, refs in enumerate(references):
+        if isinstance(refs, str) or len(refs) == 0:
+            raise UserError(f"references[{i}] must be a non-empty list of captions")
+    cands = [M.simple_tokenize(p) for p in predictions]
+    refs = [[M.simple_tokenize(r) for r in rs] for rs in references]
+    return {"cider": 100.0 * M.cider_d(cands, refs), "bleu4": 100.0 * M.bleu(cands, refs, n=4)[3]}
+
+
+def caption(adapter, dataset: Any, *, prompt: str | None = None, max_new_tokens: int = 30, min_new_tokens: int = 8,
+            num_beams: int = 5, batch_size: int = 16, limit: int | None = None,
+            image_root: str | os.PathLike | None = None, split: str | None = "test",
+            progress: bool | None = None) -> dict[str, Any]:
+    """Image captioning with BLIP-2 (ECoFLaP Table 1, NoCaps/COCO; LAVIS's settings: prompt
+    ``"a photo of"``, beam 5, 8 to 30 new tokens). The prompt is not part of the scored caption.
+    ``prompt=None`` takes a row's own ``"prompt"``, else ``adapter.caption_prompt``, else ``"a photo of"``;
+    ``""`` means no prompt.
+
+    ``dataset``: a COCO captions / NoCaps JSON, a Karpathy-style JSON, or rows ``{"image", "references"}``.
+    Returns ``cider``, ``bleu4`` (x100), ``n`` and the ``predictions``.
+    """
+    _check_positive(limit, "limit")
+    if isinstance(dataset, (str, os.PathLike)):
+        rows = formats.read_captions(dataset, image_root=image_root, split=split)
+    else:
+        rows = formats.check_rows(dataset, ("image", "references"), "caption",
+                                  "{'image': ..., 'references': [str, ...]}")
+    rows = rows[:limit] if limit is not None else rows
+    default = getattr(adapter, "caption_prompt", None) or CAPTION_PROMPT
+    prompts = [prompt if prompt is not None else r.get("prompt", default) for r in rows]
+    preds = generate_answers(adapter, [r["image"] for r in rows], prompts, max_new_tokens=max_new_tokens,
+                             min_new_tokens=min_new_tokens, num_beams=num_beams, batch_size=batch_size,
+                             progress=progress)
+    out: dict[str, Any] = score_captions(preds, [r["references"] for r in rows])
+    out["n"] = len(rows)
+    out["predictions"] = [{"image_id": r.get("image_id", i), "caption": p} for i, (r, p) in enumerate(zip(rows, preds))]
+    return out
+
+
+# --------------------------------------------------------------------------- perplexity
+def model_context(adapter) -> int | None:
+    """The longest sequence the LM's position embeddings cover (``max_position_embeddings``), if known."""
+    cfg = getattr(adapter.model, "config", None)
+    n = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    return int(n) if n else None
+
+
+def _encode_text(adapter, text: str) -> list[int]:
+    tok = getattr(adapter, "tokenizer", None)
+    if tok is None or not hasattr(tok, "encode"):
+        raise UserError(f"{adapter.name} has no tokenizer with .encode: load it from a folder with tokenizer files")
+    ids = tok.encode(text)
+    return list(ids.tolist() if hasattr(ids, "tolist") else ids)
+
+
+def perplexity_windows(n_tokens: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """``(begin, n_scored)`` of each full window: windows start every ``stride`` tokens; the first scores
+    all but its first token, later ones only their last ``stride`` (new) tokens. A trailing partial
+    window is dropped (SparseGPT/Wanda use ``n_tokens // window`` windows)."""
+    out = []
+    for k, begin in enumerate(range(0, n_tokens - window + 1, stride)):
+        out.append((begin, window - 1 if k == 0 else min(stride, window - 1)))
+    return out
+
+
+def perplexity_stats(adapter, text: str, *, window: int = 512, stride: int | None = None, limit: int | None = None,
+                     batch_size: int = 1, progress: bool | None = None) -> dict[str, Any]:
+    """Total NLL, scored tokens and windows behind :func:`perplexity` (same arguments)."""
+    _check_positive(window, "window")
+    _check_positive(batch_size, "batch_size")
+    _check_positive(limit, "limit")
+    stride = window if stride is None else stride
+    if window < 2:
+        raise UserError(f"window must be at least 2 tokens, got {window}")
+    if not isinstance(stride, (int, np.integer)) or not 1 <= stride <= window:
+        raise UserError(f"stride must be between 1 and the window ({window}), got {stride!r}")
+    ctx = model_context(adapter)
+    if ctx is not None and window > ctx:
+        raise UserError(f"window {window} is longer than {adapter.name}'s context of {ctx} tokens: "
+                        f"pass --window {ctx} or less")
+    if not isinstance(text, str) or not text:
+        raise UserError("perplexity needs non-empty text")
+    ids = torch.tensor(_encode_text(adapter, text), dtype=torch.long)
+    spans = perplexity_windows(len(ids), window, stride)
+    if not spans:
+        raise UserError(f"the text has {len(ids)} tokens, fewer than one window of {window}: "
+                        "use a smaller --window or a longer text")
+    spans = spans[:limit] if limit is not None else spans
+    device = adapter.input_device()
+    total_nll, total_tokens = 0.0, 0
+    with torch.inference_mode():
+        for chunk in tqdm(list(_chunks(spans, batch_size)), desc="perplexity", disable=_disable(progress),
+                          leave=False):
+            inp = torch.stack([ids[b : b + window] for b, _ in chunk]).to(device)
+            target = inp[:, 1:].clone()
+            for row, (_, n_scored) in enumerate(chunk):
+                target[row, : window - 1 - n_scored] = -100  # context tokens, already scored in an earlier window
+            logits = adapter.model(input_ids=inp, use_cache=False).logits[:, :-1]
+            nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                  ignore_index=-100, reduction="sum")
+            total_nll += float(nll)
+            total_tokens += int((target != -100).sum())
+    return {"nll": total_nll, "tokens": total_tokens, "windows": len(spans), "window": window, "stride": stride,
+            "perplexity": math.exp(total_nll / total_tokens)}
+
+
+def perplexity(adapter, text: str, *, window: int = 512, stride: int | None = None, limit: int | None = None,
+               batch_size: int = 1, progress: bool | None = None) -> float:
+    """Perplexity of a causal LM on ``text`` (WikiText-2 protocol of SparseGPT/Wanda, ECoFLaP Table 5).
+
+    The text is tokenised once; windows of ``window`` tokens start every ``stride`` tokens (default
+    ``stride=window``: non-overlapping); with a smaller stride only the tokens new to a window are
+    scored (sliding-window evaluation). ``limit`` caps the number of windows.
+    perplexity = exp(total NLL / total scored tokens).
+    """
+    return perplexity_stats(adapter, text, window=window, stride=stride, limit=limit, batch_size=batch_size,
+                            progress=progress)["perplexity"]
+
+
+def perplexity_file(adapter, path: str | os.PathLike, *, window: int = 512, stride: int | None = None,
+                    limit: int | None = None, batch_size: int = 1, progress: bool | None = None) -> float:
+    """:func:`perplexity` of a raw text file (e.g. ``wikitext-2-raw/wiki.test.raw``)."""
+    return perplexity(adapter, formats.read_text(path), window=window, stride=stride, limit=limit,
+                      batch_size=batch_size, progress=progress)
+
+
+# --------------------------------------------------------------------------- dispatcher
+def supported_tasks(adapter) -> tuple[str, ...]:
+    """The tasks this model family can be evaluated on (CLIP: zeroshot, retrieval; BLIP-2: VQA and
+    captioning; causal LMs: perplexity). Unknown families are recognised by their methods."""
+    fam = getattr(adapter, "family", None)
+    if fam in FAMILY_TASKS:
+        return FAMILY_TASKS[fam]
+    if all(hasattr(adapter, a) for a in ("encode_image", "encode_text")):
+        return FAMILY_TASKS["clip"]
+    if hasattr(adapter, "num_query_tokens"):
+        return FAMILY_TASKS["blip2"]
+    if getattr(adapter, "tokenizer", None) is not None and hasattr(adapter.model, "generate"):
+        return FAMILY_TASKS["causal_lm"]
+    return ()
+
+
+def _family_name(adapter) -> str:
+    fam = getattr(adapter, "family", None)
+    return FAMILY_NAMES.get(fam, f"{fam or 'unknown'}-family")
+
+
+def resolve_task(adapter, task: str | None) -> str:
+    """``task``, or the adapter's ``default_task`` when None; UserError when the model cannot do it."""
+    tasks = supported_tasks(adapter)
+    if task is None:
+        task = getattr(adapter, "default_task", None)
+        if task is None and len(tasks) == 1:
+            task = tasks[0]
+        if task is None:
+            raise UserError(f"pass --task: {adapter.name} ({_family_name(adapter)}) supports "
+                            f"{', '.join(tasks) or 'no evaluation task'}")
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    if task not in tasks:
+        raise UserError(f"task {task!r} needs a {FAMILY_NAMES[TASK_NEEDS[task]]} model, but {adapter.name} is a "
+                        f"{_family_name(adapter)} model, which supports: {', '.join(tasks) or 'no evaluation task'}")
+    return task
+
+
+def _bundled(adapter, task: str) -> Any:
+    fn = getattr(adapter, "bundled_eval_data", None)
+    if fn is None:
+        raise UserError(f"task {task!r} needs --data: {adapter.name} has no bundled evaluation set "
+                        "(see data/BENCHMARKS.md for the layouts)")
+    try:
+        data = fn(task)
+    except UserError:
+        raise
+    except (KeyError, NotImplementedError, ValueError) as e:
+        raise UserError(f"{adapter.name} has no bundled set for task {task!r} ({e}): pass --data") from None
+    if data is None:
+        raise UserError(f"{adapter.name} has no bundled set for task {task!r}: pass --data")
+    return data
+
+
+def _as_list(value: Any, what: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, os.PathLike)):
+        return formats.read_lines(value, what)
+    return [str(v) for v in value]
+
+
+def evaluate(adapter, task: str | None = None, data: Any = None, *, limit: int | None = None,
+             batch_size: int | None = None, classnames: Any = None, templates: Any = None,
+             annotations: str | os.PathLike | None = None, image_root: str | os.PathLike | None = None,
+             split: str | None = "test", prompt: str | None = None, max_new_tokens: int | None = None,
+             num_beams: int | None = None, window: int | None = None, stride: int | None = None,
+             progress: bool | None = None) -> dict[str, Any]:
+    """Evaluate ``adapter`` on ``task`` (zeroshot, retrieval, vqav2, okvqa, gqa, caption, perplexity).
+
+    ``data`` is a path in the task's standard format (data/BENCHMARKS.md), an in-memory set, or None
+    for the model's bundled held-out set (``adapter.bundled_eval_data(task)``). ``classnames`` and
+    ``templates`` are lists or files (one per line). ``window`` defaults to min(512, model context).
+    Returns the task's metrics (plus ``predictions`` / ``clip_benchmark`` where there are some).
+    """
+    task = resolve_task(adapter, task)
+    _check_positive(limit, "limit")
+    _check_positive(batch_size, "batch_size")
+    if isinstance(data, (str, os.PathLike)) and not Path(data).exists():
+        raise UserError(f"--data {data} does not exist: give the path of the {task} data (see data/BENCHMARKS.md)")
+    bundled = data is None
+    if bundled:
+        data = _bundled(adapter, task)
+    classnames = _as_list(classnames, "class names")
+    templates = _as_list(templates, "templates")
+    if task == "zeroshot":
+        if isinstance(data, Mapping):
+            classnames = classnames or data.get("classnames")
+            templates = templates or data.get("templates")
+        return zeroshot_classification(adapter, data, classnames=classnames, templates=templates,
+                                       batch_size=batch_size or 64, limit=limit,
+                                       dataset_name="bundled" if bundled else None, progress=progress)
+    if task == "retrieval":
+        return retrieval(adapter, data, batch_size=batch_size or 64, limit=limit, split=split, image_root=image_root,
+                         progress=progress)
+    gen = dict(batch_size=batch_size or 16, limit=limit, progress=progress)
+    if max_new_tokens is not None:
+        gen["max_new_tokens"] = max_new_tokens
+    if num_beams is not None:
+        gen["num_beams"] = num_beams
+    if task in ("vqav2", "okvqa", "gqa"):
+        if isinstance(data, (str, os.PathLike)):
+            if task == "gqa":
+                q, _ = formats.find_vqa_files(data, annotations, need_annotations=False)
+                data = formats.read_gqa(q, image_root=image_root)
+            else:
+                q, a = formats.find_vqa_files(data, annotations)
+                data = formats.read_vqa(q, a, image_root=image_root)
+        return vqa(adapter, data, prompt=prompt or VQA_PROMPT, metric="exact_match" if task == "gqa" else "vqa",
+                   **gen)
+    if task == "caption":
+        return caption(adapter, data, prompt=prompt, image_root=image_root,
+                       split=split, **gen)
+    # perplexity
+    # a bundled set gives the held-out text itself as a str (a Path is read as a file)
+    is_text = isinstance(data, str) and bundled
+    text = formats.read_text(data) if isinstance(data, (str, os.PathLike)) and not is_text else data
+    if not isinstance(text, str):
+        raise UserError(f"perplexity needs text (a file path or a str), got {type(text).__name__}")
+    ctx = model_context(adapter)
+    stats = perplexity_stats(adapter, text, window=window or min(512, ctx or 512), stride=stride, limit=limit,
+                             batch_size=batch_size or 1, progress=progress)
+    return {"perplexity": stats["perplexity"], "tokens": stats["tokens"], "windows": stats["windows"],
+            "window": stats["window"], "stride": stats["stride"]}
+
+
+# --------------------------------------------------------------------------- results
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def split_metrics(result: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """(numbers, everything else) of a task result: metrics go to results.json, the rest to side files."""
+    nums = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v))
+            for k, v in result.items() if _is_number(v)}
+    return nums, {k: v for k, v in result.items() if k not in nums}
+
+
+def results_record(model: str, method: str | None, sparsity: float | None, task: str, metrics: Mapping[str, Any],
+                   resources: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None) -> dict:
+    """One result in the project schema: ``{"model", "method", "sparsity", "task", "metrics", "resources",
+    "config"}``; only numeric metrics are kept (``acc1``, ``vqa_accuracy``, ``cider``, ``perplexity``...)."""
+    nums, _ = split_metrics(metrics)
+    return {"model": str(model), "method": method, "sparsity": None if sparsity is None else float(sparsity),
+            "task": task, "metrics": nums, "resources": dict(resources or {}), "config": dict(config or {})}
+
+
+def run_evaluate(*, model: str, task: str | None = None, data: str | None = None, out: str | os.PathLike,
+                 limit: int | None = None, batch_size: int | None = None, device: str = "cpu",
+                 dtype: str = "float32", classnames: str | None = None, templates: str | None = None,
+                 annotations: str | None = None, image_root: str | None = None, split: str | None = "test",
+                 prompt: str | None = None, max_new_tokens: int | None = None, num_beams: int | None = None,
+                 window: int | None = None, stride: int | None = None, overwrite: bool = False,
+                 progress: bool | None = None) -> dict[str, Any]:
+    """The ``evaluate`` command: load ``model`` (a name or a pruned run's folder), evaluate, and write
+    ``out/results.json`` (plus ``predictions.json`` / ``clip_benchmark.json``) atomically."""
+    from .io import atomic_dir, check_out_dir, write_json_atomic
+    from .measure import Resources
+    from .models import load_model
+
+    if task is not None and task not in TASKS:
+        raise UserError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
+    _check_positive(limit, "--limit")
+    _check_positive(batch_size, "--batch-size")
+    for path, flag in ((data, "--data"), (classnames, "--classnames"), (templates, "--templates"),
+                       (annotations, "--annotations"), (image_root, "--image-root")):
+        if path is not None and not Path(path).exists():
+            raise UserError(f"{flag} {path} does not exist: check the path (see data/BENCHMARKS.md)")
+    check_out_dir(out, overwrite)
+    res = Resources(device)
+    with res.stage("load"):
+        adapter = load_model(model, device=device, dtype=dtype)
+    task = resolve_task(adapter, task)
+    with res.stage("evaluate"):
+        result = evaluate(adapter, task, data, limit=limit, batch_size=batch_size, classnames=classnames,
+                          templates=templates, annotations=annotations, image_root=image_root, split=split,
+                          prompt=prompt, max_new_tokens=max_new_tokens, num_beams=num_beams, window=window,
+                          stride=stride, progress=progress)
+    pcfg = getattr(adapter, "pruning_config", None) or {}
+    nums, extras = split_metrics(result)
+    config = {"data": str(data) if data is not None else "bundled", "limit": limit, "batch_size": batch_size,
+              "device": str(device), "dtype": str(dtype), "split": split}
+    for key, val in (("prompt", prompt), ("max_new_tokens", max_new_tokens), ("num_beams", num_beams),
+                     ("window", window), ("stride", stride), ("classnames", classnames), ("templates", templates),
+                     ("annotations", annotations), ("image_root", image_root)):
+        if val is not None:
+            config[key] = val
+    if pcfg:
+        config.update(pruned_run=str(model), allocation=pcfg.get("allocation"),
+                      actual_sparsity=pcfg.get("actual_sparsity"), nm=pcfg.get("nm"))
+    sparsity = pcfg.get("requested_sparsity", pcfg.get("target_sparsity")) if pcfg else 0.0
+    record = results_record(pcfg.get("model", adapter.name), pcfg.get("method", "dense") if pcfg else "dense",
+                            sparsity, task, nums, resources=res.as_dict(), config=config)
+    with atomic_dir(out, overwrite) as tmp:
+        write_json_atomic(tmp / "results.json", record)
+        if "predictions" in extras:
+            write_json_atomic(tmp / "predictions.json", extras["predictions"])
+        if "clip_benchmark" in extras:
+            write_json_atomic(tmp / "clip_benchmark.json", extras["clip_benchmark"])
+    return record

@@ -1,0 +1,309 @@
+"""The notebooks' experiments as tested functions: sweeps, sensitivity, score agreement, landscapes.
+
+Each returns plain values (lists of results records in the schema of DESIGN.md, dicts, arrays), so a
+notebook cell calls one function and shows a table or a figure.
+"""
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .allocate import allocate_sparsity, expand_to_layers
+from .measure import track
+from .models.base import ModelAdapter
+from .prune import prune
+from .scores import compute_scores, group_info, owl_outlier_ratios, score_groups
+
+#: the methods compared in the notebooks: name -> how to prune
+METHODS: dict[str, dict[str, Any]] = {
+    "magnitude": {"method": "magnitude", "allocation": "uniform"},
+    "wanda": {"method": "wanda", "allocation": "uniform"},
+    "sparsegpt": {"method": "sparsegpt", "allocation": "uniform"},
+    "ecoflap-zeroth": {"method": "wanda", "allocation": "ecoflap", "scores": "zeroth"},
+    "ecoflap-first": {"method": "wanda", "allocation": "ecoflap", "scores": "first"},
+    "ecoflap-zeroth-sparsegpt": {"method": "sparsegpt", "allocation": "ecoflap", "scores": "zeroth"},
+    "owl": {"method": "wanda", "allocation": "owl"},
+}
+
+
+def record(model: str, method: str, sparsity: float, task: str, metrics: Mapping[str, Any],
+           resources: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One results record in the project's schema."""
+    return {"model": model, "method": method, "sparsity": float(sparsity), "task": task, "metrics": dict(metrics),
+            "resources": dict(resources or {}), "config": dict(config or {})}
+
+
+@contextmanager
+def restored(adapter: ModelAdapter) -> Iterator[ModelAdapter]:
+    """Run a block of code on ``adapter`` and put its weights back afterwards (a CPU copy is kept)."""
+    saved = {k: v.detach().to("cpu", copy=True) for k, v in adapter.model.state_dict().items()}
+    try:
+        yield adapter
+    finally:
+        adapter.model.load_state_dict(saved)
+
+
+def evaluate_task(adapter: ModelAdapter, task: str | None = None, data=None, limit: int | None = None,
+                  **kw) -> dict[str, Any]:
+    """Evaluate on ``task`` (default: the model's own) with ``ecoflap_utils.evaluate``; returns the metrics."""
+    from . import evaluate
+
+    out = evaluate.evaluate(adapter, task, data=data, limit=limit, progress=False, **kw)
+    out = out.get("metrics", out) if isinstance(out, dict) and "metrics" in out else out
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def coarse_scores(adapter: ModelAdapter, scores: str, *, calibration=None, samples: int = 32, batch_size: int = 8,
+                  granularity: str = "block", seed: int = 0, **kw) -> tuple[dict[str, float], dict[str, Any]]:
+    """Group scores once (they do not depend on the target sparsity) and their wall time / peak memory."""
+    with track(str(adapter.input_device())) as res:
+        if scores == "owl":
+            sc = owl_outlier_ratios(adapter, calibration, granularity=granularity, samples=samples,
+                                    batch_size=batch_size, seed=seed)
+        else:
+            sc = compute_scores(adapter, scores, calibration, granularity=granularity, samples=samples,
+                                batch_size=batch_size, seed=seed, **kw)
+    return sc, dict(res)
+
+
+def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities: Sequence[float],
+                   task: str | None = None, data=None, limit: int | None = None, calib_samples: int = 128,
+                   first_stage_samples: int = 32, batch_size: int = 8, seed: int = 0, granularity: str = "block",
+                   max_sparsity_margin: float = 0.1, include_dense: bool = True, progress: bool | None = None,
+                   eval_kw: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Dense, then every method at every sparsity: prune a restored copy, evaluate, record (ECoFLaP Tables 1-3).
+
+    Coarse-stage scores are computed once per score method and reused across sparsities.
+    """
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        from .errors import UserError
+
+        raise UserError(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    eval_kw = dict(eval_kw or {})
+    task = task or getattr(adapter, "default_task", None)
+    records = []
+    if include_dense:
+        with track(str(adapter.input_device())) as r:
+            m = evaluate_task(adapter, task, data, limit, **eval_kw)
+        records.append(record(adapter.name, "dense", 0.0, task, m, {"eval": dict(r)}))
+    calib = adapter.calibration_samples(calib_samples, seed)
+    first_calib = adapter.calibration_samples(first_stage_samples, seed)
+    groups = score_groups(adapter, granularity)
+    sizes = {g: v["size"] for g, v in group_info(adapter, groups).items()}
+    score_cache: dict[str, tuple[dict, dict]] = {}
+    jobs = [(name, s) for name in methods for s in sparsities]
+    for name, s in tqdm(jobs, desc=f"sweep {adapter.name}", disable=None if progress in (None, True) else True):
+        spec = METHODS[name]
+        resources: dict[str, Any] = {}
+        with restored(adapter):
+            target: Any = s
+            if spec["allocation"] != "uniform":
+                key = spec.get("scores", "owl") if spec["allocation"] != "owl" else "owl"
+                if key not in score_cache:
+                    score_cache[key] = coarse_scores(adapter, key, calibration=first_calib, batch_size=batch_size,
+                                                     granularity=granularity, seed=seed, progress=False)
+                sc, resources["scores"] = score_cache[key]
+                gs = allocate_sparsity(sc, sizes, s, method=spec["allocation"],
+                                       max_sparsity=min(s + max_sparsity_margin, 0.99))
+                target = expand_to_layers(gs, groups)
+            with track(str(adapter.input_device())) as r:
+                res = prune(adapter, target, method=spec["method"], calibration=calib, batch_size=batch_size,
+                            seed=seed, return_masks=False, progress=False)
+            resources["fine"] = dict(r)
+            m = evaluate_task(adapter, task, data, limit, **eval_kw)
+        records.append(record(adapter.name, name, s, task, m, resources,
+                              {**spec, "actual_sparsity": res.actual_sparsity, "calib_samples": calib_samples,
+                               "first_stage_samples": first_stage_samples, "seed": seed}))
+    return records
+
+
+def stack_sensitivity(adapter: ModelAdapter, *, sparsities: Sequence[float], method: str = "wanda",
+                      task: str | None = None, data=None, limit: int | None = None, calib_samples: int = 64,
+                      seed: int = 0, by: str = "modality", eval_kw: Mapping[str, Any] | None = None
+                      ) -> list[dict[str, Any]]:
+    """Prune one modality (or stack) at a time with uniform layer-wise pruning (ECoFLaP Fig. 1, right).
+
+    Shows how much each module can lose before the task breaks: the reason for a global view.
+    """
+    task = task or getattr(adapter, "default_task", None)
+    keys: dict[str, list[str]] = {}
+    for b in adapter.pruned_blocks():
+        keys.setdefault(getattr(b, by), [])
+        if b.stack not in keys[getattr(b, by)]:
+            keys[getattr(b, by)].append(b.stack)
+    calib = adapter.calibration_samples(calib_samples, seed)
+    out = []
+    for key, stacks in keys.items():
+        for s in sparsities:
+            with restored(adapter):
+                if s > 0:
+                    prune(adapter, s, method=method, calibration=calib, stacks=stacks, return_masks=False,
+                          progress=False)
+                m = evaluate_task(adapter, task, data, limit, **(eval_kw or {}))
+            out.append(record(adapter.name, f"{method} ({key} only)", s, task, m, config={"pruned": key,
+                                                                                          "stacks": stacks}))
+    return out
+
+
+def weight_statistics(adapter: ModelAdapter, *, calib_samples: int = 16, batch_size: int = 8, seed: int = 0,
+                      max_values: int = 20000) -> dict[str, dict[str, np.ndarray]]:
+    """Per modality: samples of |W|, Wanda scores |W| * ||X||, and |dL/dW| (ECoFLaP Fig. 1, left).
+
+    Values are subsampled (seeded) to ``max_values`` per modality and kind.
+    """
+    from contextlib import ExitStack
+
+    from .capture import hooks
+    from .prune import _Stats, input_tap, wanda_scores
+
+    names = adapter.layer_names()
+    block_of = adapter.block_of()
+    calib = adapter.calibration_samples(calib_samples, seed)
+    stats = {w: _Stats(w, adapter.model.get_parameter(w).shape[1], "wanda", adapter.model.get_parameter(w).device)
+             for w in names}
+    flags = {n: p.requires_grad for n, p in adapter.model.named_parameters()}
+    try:
+        for n, p in adapter.model.named_parameters():
+            p.requires_grad_(n in names)
+        with ExitStack() as es:
+            for w in names:
+                mod, get = input_tap(adapter.model, w)
+                es.enter_context(hooks(mod.register_forward_pre_hook(
+                    lambda m_, a, kw, st=stats[w], get=get: st.add(get(a, kw)), with_kwargs=True)))
+            for batch in adapter.batches(calib, batch_size):
+                adapter.loss(batch).backward()
+        rng = np.random.default_rng(seed)
+        out: dict[str, dict[str, list]] = {}
+        for w in names:
+            p = adapter.model.get_parameter(w)
+            mod = block_of[w].modality
+            d = out.setdefault(mod, {"weight": [], "wanda": [], "gradient": []})
+            d["weight"].append(p.detach().float().abs().flatten().cpu().numpy())
+            d["wanda"].append(wanda_scores(p, stats[w].sq).flatten().cpu().numpy())
+            d["gradient"].append(p.grad.detach().float().abs().flatten().cpu().numpy())
+    finally:
+        for n, p in adapter.model.named_parameters():
+            p.requires_grad_(flags[n])
+            p.grad = None
+    result: dict[str, dict[str, np.ndarray]] = {}
+    for mod, kinds in out.items():
+        result[mod] = {}
+        for kind, parts in kinds.items():
+            v = np.concatenate(parts)
+            if v.size > max_values:
+                v = rng.choice(v, max_values, replace=False)
+            result[mod][kind] = v
+    return result
+
+
+def score_agreement(adapter: ModelAdapter, *, sample_counts: Sequence[int] = (8, 16, 32),
+                    eps_values: Sequence[float] = (1e-3,), methods: Sequence[str] = ("zeroth", "jvp"),
+                    batch_size: int = 8, seed: int = 0, num_noise: int = 1) -> list[dict[str, Any]]:
+    """Spearman rank agreement of block scores with exact first-order block gradient norms (ECoFLaP Sec. 4.3).
+
+    One row per (method, samples, eps): the correlation, wall time and peak memory of the method.
+    """
+    from scipy.stats import spearmanr
+
+    rows = []
+    dev = str(adapter.input_device())
+    for n in sample_counts:
+        calib = adapter.calibration_samples(n, seed)
+        with track(dev) as r_exact:
+            exact = compute_scores(adapter, "first", calib, variant="grad_norm", batch_size=batch_size,
+                                   progress=False)
+        groups = list(exact)
+        rows.append({"method": "first (exact)", "samples": n, "eps": None, "spearman": 1.0,
+                     "wall_s": r_exact["wall_s"], "peak_delta_mb": r_exact["peak_delta_mb"]})
+        for method in methods:
+            for eps in (eps_values if method == "zeroth" else (None,)):
+                with track(dev) as r:
+                    sc = compute_scores(adapter, method, calib, eps=eps or 1e-3, batch_size=batch_size, seed=seed,
+                                        num_noise=num_noise, progress=False)
+                rho = float(spearmanr([exact[g] for g in groups], [sc[g] for g in groups])[0])
+                rows.append({"method": method, "samples": n, "eps": eps, "spearman": rho, "wall_s": r["wall_s"],
+                             "peak_delta_mb": r["peak_delta_mb"]})
+    return rows
+
+
+def loss_landscape(adapter: ModelAdapter, *, alphas: Sequence[float] = tuple(np.linspace(-1, 1, 11)),
+                   directions: int = 3, by: str = "modality", samples: int = 8, batch_size: int = 8,
+                   seed: int = 0) -> dict[str, np.ndarray]:
+    """Loss along random directions in each module's weights (ECoFLaP Fig. 6).
+
+    A direction d has, per tensor, the shape of W and the norm of W (filter-normalised, Li et al. 2018);
+    the curve is L(W + alpha d) - L(W). Returns ``{module: array (directions, len(alphas))}``.
+    """
+    from .scores import perturbed
+
+    batches = adapter.batches(adapter.calibration_samples(samples, seed), batch_size)
+
+    def loss() -> float:
+        with torch.no_grad():
+            return float(np.mean([float(adapter.loss(b)) for b in batches]))
+
+    base = loss()
+    members: dict[str, list[str]] = {}
+    for b in adapter.pruned_blocks():
+        members.setdefault(getattr(b, by), []).extend(b.weights)
+    out = {}
+    for key, ws in members.items():
+        params = [adapter.model.get_parameter(w) for w in ws]
+        curves = np.zeros((directions, len(alphas)))
+        for d in range(directions):
+            gen = torch.Generator().manual_seed(seed * 1000 + d)
+            z = [torch.randn(p.shape, generator=gen) for p in params]
+            scale = [float(p.detach().float().norm()) / float(t.norm()) for p, t in zip(params, z)]
+            for i, a in enumerate(alphas):
+                saved = [p.detach().clone() for p in params]
+                try:
+                    with torch.no_grad():
+                        for p, t, sc in zip(params, z, scale):
+                            p.add_((a * sc * t).to(p.dtype).to(p.device))
+                    curves[d, i] = loss() - base
+                finally:
+                    with torch.no_grad():
+                        for p, w0 in zip(params, saved):
+                            p.copy_(w0)
+        out[key] = curves
+    return out
+
+
+def allocation_table(adapter: ModelAdapter, scores: Mapping[str, float], targets: Sequence[float], *,
+                     methods: Sequence[str] = ("uniform", "ecoflap"), owl_ratios: Mapping[str, float] | None = None,
+                     granularity: str = "block", max_sparsity_margin: float = 0.1) -> list[dict[str, Any]]:
+    """Per-group sparsity for each allocation and target (ECoFLaP Fig. 5): rows of group, stack, modality, ..."""
+    groups = score_groups(adapter, granularity)
+    info = group_info(adapter, groups)
+    sizes = {g: v["size"] for g, v in info.items()}
+    rows = []
+    for p in targets:
+        for method in methods:
+            sc = owl_ratios if method == "owl" else scores
+            sp = allocate_sparsity(sc or scores, sizes, p, method=method, max_sparsity=min(p + max_sparsity_margin, 0.99))
+            for g in groups:
+                rows.append({"target": p, "allocation": method, "group": g, "stack": info[g]["stack"],
+                             "modality": info[g]["modality"], "size": sizes[g], "score": scores.get(g),
+                             "sparsity": sp[g]})
+    return rows
+
+
+def timed(fn, *args, device: str = "cpu", **kw) -> tuple[Any, dict[str, Any]]:
+    """Call ``fn`` and return (its result, wall time / peak memory)."""
+    with track(device) as r:
+        out = fn(*args, **kw)
+    return out, dict(r)
+
+
+def finite(x: Any) -> bool:
+    try:
+        return math.isfinite(float(x))
+    except (TypeError, ValueError):
+        return False

@@ -1,0 +1,488 @@
+"""Evaluation: zero-shot, retrieval, VQA, captioning and perplexity on tiny models and generated fixtures.
+
+Every number is checked against a direct computation with the model's own forward functions.
+"""
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ecoflap_utils import metrics as M
+from ecoflap_utils.cli_evaluate import add_evaluate_parser
+from ecoflap_utils.data import formats
+from ecoflap_utils.errors import UserError
+from ecoflap_utils.evaluate import (DEFAULT_TEMPLATES, caption, classifier_weights, encode_images, evaluate,
+                                    generate_answers, perplexity,
+                                    perplexity_file, results_record, retrieval, run_evaluate, score_captions,
+                                    score_vqa, vqa, zeroshot_classification)
+from ecoflap_utils.models import load_model
+
+CLASSES = ["red_apple", "green", "blue", "yellow", "black", "white"]
+COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30), (10, 10, 10), (245, 245, 245)]
+TEXT = ("The quick brown fox jumps over the lazy dog. Pruning keeps the weights that matter most, "
+        "and ECoFLaP decides how many to keep in each block from a global, zeroth-order score. ") * 2
+
+
+def _png(path, colour, seed, size=40):
+    rng = np.random.RandomState(seed)
+    arr = np.clip(np.array(colour)[None, None, :] + rng.randint(-40, 40, (size, size, 3)), 0, 255).astype("uint8")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared machine those threads spin."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_model("tiny-clip")
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def blip_opt():
+    return load_model("tiny-blip2-opt")
+
+
+@pytest.fixture(scope="module")
+def blip_t5():
+    return load_model("tiny-blip2-t5")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imagefolder")
+    for c, (name, colour) in enumerate(zip(CLASSES, COLOURS)):
+        for k in range(2):
+            _png(root / name / f"{k}.png", colour, seed=10 * c + k)
+    return root
+
+
+# --------------------------------------------------------------------------- zero-shot
+def _direct_zeroshot(adapter, paths, labels, classnames, templates, return_parts=False):
+    with torch.no_grad():
+        weights = []
+        for name in classnames:
+            e = adapter.model.encode_text(adapter.tokenizer([t.format(name) for t in templates]))
+            e = e / e.norm(dim=-1, keepdim=True)
+            m = e.mean(0)
+            weights.append(m / m.norm())
+        weights = torch.stack(weights)
+        x = torch.stack([adapter.preprocess(Image.open(p).convert("RGB")) for p in paths])
+        f = adapter.model.encode_image(x)
+        f = f / f.norm(dim=-1, keepdim=True)
+    logits = (f @ weights.T).numpy()
+    if return_parts:
+        return weights, f
+    labels = np.asarray(labels)
+    order = np.argsort(-logits, axis=1, kind="stable")
+    acc1 = 100 * np.mean(order[:, 0] == labels)
+    acc5 = 100 * np.mean([lab in row[:5] for lab, row in zip(labels, order)])
+    pred = order[:, 0]
+    mpcr = 100 * np.mean([np.mean(pred[labels == c] == c) for c in np.unique(labels)])
+    return acc1, acc5, mpcr
+
+
+def test_zeroshot_on_imagefolder_equals_direct_computation(clip, image_folder):
+    templates = ["a photo of a {}.", "a drawing of the {}."]
+    res = zeroshot_classification(clip, image_folder, templates=templates, batch_size=5)
+    paths = sorted(image_folder.glob("*/*.png"))
+    labels = [sorted(CLASSES).index(p.parent.name) for p in paths]
+    names = [c.replace("_", " ") for c in sorted(CLASSES)]
+    acc1, acc5, mpcr = _direct_zeroshot(clip, paths, labels, names, templates)
+    assert res["n"] == 12
+    assert res["acc1"] == pytest.approx(acc1)
+    assert res["acc5"] == pytest.approx(acc5)
+    assert res["mean_per_class_recall"] == pytest.approx(mpcr)
+    # the classifier and the image features themselves, not only the accuracies they give
+    weights, feats = _direct_zeroshot(clip, paths, labels, names, templates, return_parts=True)
+    assert torch.allclose(classifier_weights(clip, names, templates), weights, atol=1e-6)
+    assert torch.allclose(encode_images(clip, paths, batch_size=5), feats, atol=1e-6)
+    cb = res["clip_benchmark"]
+    assert cb["task"] == "zeroshot_classification" and cb["model"] == "tiny-clip"
+    assert cb["dataset"] == image_folder.name
+    assert cb["metrics"]["acc1"] == pytest.approx(acc1 / 100)
+    # limit keeps evenly spaced examples: one per class here
+    lim = zeroshot_classification(clip, image_folder, templates=templates, limit=6)
+    idx = [0, 2, 4, 6, 8, 10]
+    a1, _, _ = _direct_zeroshot(clip, [paths[i] for i in idx], [labels[i] for i in idx], names, templates)
+    assert lim["n"] == 6 and lim["acc1"] == pytest.approx(a1)
+
+
+def test_zeroshot_csv_and_memory_forms_agree_with_imagefolder(clip, image_folder, tmp_path):
+    paths = sorted(image_folder.glob("*/*.png"))
+    csv_path = tmp_path / "set.csv"
+    csv_path.write_text("filepath,label\n" + "".join(f"{p},{p.parent.name}\n" for p in paths))
+    names = sorted(CLASSES)
+    a = zeroshot_classification(clip, image_folder, classnames=names)
+    b = zeroshot_classification(clip, csv_path, classnames=names)
+    mem = [(Image.open(p), names.index(p.parent.name)) for p in paths]
+    c = zeroshot_classification(clip, mem, classnames=names)
+    for k in ("acc1", "acc5", "mean_per_class_recall"):
+        assert a[k] == pytest.approx(b[k]) == pytest.approx(c[k])
+    # the default template list is used without templates
+    direct = _direct_zeroshot(clip, paths, [names.index(p.parent.name) for p in paths], names, DEFAULT_TEMPLATES)
+    assert a["acc1"] == pytest.approx(direct[0])
+
+
+# --------------------------------------------------------------------------- retrieval
+def _karpathy(tmp_path, n_images=4):
+    caps = ["a red square", "a crimson block", "green grass field", "a lime patch", "blue sky",
+            "ocean water", "deep blue", "yellow sun", "a banana"]
+    per = [[0, 1], [2, 3], [4, 5, 6], [7, 8]]
+    images = []
+    for i in range(n_images):
+        _png(tmp_path / "val2014" / f"im{i}.png", COLOURS[i], seed=i)
+        images.append({"filepath": "val2014", "filename": f"im{i}.png", "split": "test",
+                       "sentences": [{"raw": caps[t], "tokens": caps[t].split()} for t in per[i]]})
+    _png(tmp_path / "train2014" / "tr.png", COLOURS[5], seed=99)
+    images.insert(1, {"filepath": "train2014", "filename": "tr.png", "split": "train",
+                      "sentences": [{"raw": "ignored"}]})
+    path = tmp_path / "dataset_coco.json"
+    path.write_text(json.dumps({"images": images, "dataset": "coco"}))
+    return path, caps, per
+
+
+def test_retrieval_recall_equals_direct_computation(clip, tmp_path):
+    path, caps, per = _karpathy(tmp_path)
+    res = retrieval(clip, path, batch_size=3)
+    with torch.no_grad():
+        x = torch.stack([clip.preprocess(Image.open(tmp_path / "val2014" / f"im{i}.png")) for i in range(4)])
+        f = clip.model.encode_image(x)
+        t = clip.model.encode_text(clip.tokenizer(caps))
+    sim = ((f / f.norm(dim=-1, keepdim=True)) @ (t / t.norm(dim=-1, keepdim=True)).T).numpy()
+    t2i = [i for i, ts in enumerate(per) for _ in ts]
+    for k in (1, 5, 10):
+        i2t = 100 * np.mean([min(list(np.argsort(-sim[i], kind="stable")).index(j) for j in per[i]) < k
+                             for i in range(4)])
+        t2i_r = 100 * np.mean([list(np.argsort(-sim[:, j], kind="stable")).index(t2i[j]) < k
+                               for j in range(len(caps))])
+        assert res[f"i2t_R@{k}"] == pytest.approx(i2t)
+        assert res[f"t2i_R@{k}"] == pytest.approx(t2i_r)
+    assert res["n_images"] == 4 and res["n_texts"] == 9  # the train image is left out
+    assert res["i2t_R@1"] < 100 or res["t2i_R@1"] < 100  # a random model is not perfect
+    # the BLIP/LAVIS list layout of the same split gives the same numbers; limit keeps the first images
+    lavis = tmp_path / "coco_karpathy_test.json"
+    lavis.write_text(json.dumps([{"image": f"val2014/im{i}.png", "caption": [caps[j] for j in per[i]]}
+                                 for i in range(4)]))
+    assert retrieval(clip, lavis) == pytest.approx(res)
+    as_dict = {"images": [tmp_path / "val2014" / f"im{i}.png" for i in range(4)], "texts": caps, "txt2img": t2i,
+               "img2txt": per}
+    assert retrieval(clip, as_dict) == pytest.approx(res)  # the bundled in-memory form
+    small = retrieval(clip, path, limit=2)
+    assert small["n_images"] == 2 and small["n_texts"] == 4
+
+
+# --------------------------------------------------------------------------- perplexity
+def _windows(ids, window, stride):
+    return [ids[b:b + window] for b in range(0, len(ids) - window + 1, stride)]
+
+
+def test_perplexity_non_overlapping_equals_exp_mean_loss(llama):
+    ids = llama.tokenizer.encode(TEXT)
+    wins = _windows(ids, 32, 32)
+    assert len(wins) == len(ids) // 32 >= 4
+    with torch.no_grad():
+        losses = [float(llama.model(input_ids=torch.tensor([w]), labels=torch.tensor([w])).loss) for w in wins]
+    expected = math.exp(np.mean(losses))
+    assert perplexity(llama, TEXT, window=32) == pytest.approx(expected, rel=1e-5)
+    assert perplexity(llama, TEXT, window=32, batch_size=3) == pytest.approx(expected, rel=1e-5)
+    assert perplexity(llama, TEXT, window=32, limit=2) == pytest.approx(math.exp(np.mean(losses[:2])), rel=1e-5)
+
+
+def test_perplexity_sliding_stride_scores_only_new_tokens(llama, tmp_path):
+    window, stride = 32, 12
+    ids = llama.tokenizer.encode(TEXT)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for k, w in enumerate(_windows(ids, window, stride)):
+            labels = torch.tensor([w])
+            if k > 0:
+                labels[:, : window - stride] = -100
+            n = int((labels[:, 1:] != -100).sum())
+            total += float(llama.model(input_ids=torch.tensor([w]), labels=labels).loss) * n
+            count += n
+    expected = math.exp(total / count)
+    got = perplexity(llama, TEXT, window=window, stride=stride, batch_size=4)
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert got != pytest.approx(perplexity(llama, TEXT, window=window), rel=1e-4)
+    f = tmp_path / "wiki.test.raw"
+    f.write_text(TEXT)
+    assert perplexity_file(llama, f, window=window, stride=stride) == pytest.approx(expected, rel=1e-5)
+
+
+# --------------------------------------------------------------------------- VQA
+def _vqa_files(root, n=4, *, drop_answers=False):
+    qs, anns = [], []
+    for i in range(n):
+        _png(root / "val2014" / f"COCO_val2014_{i + 1:012d}.jpg", COLOURS[i % 6], seed=i)
+        qs.append({"image_id": i + 1, "question": f"what colour is thing {i}?", "question_id": 100 + i})
+        a = {"question_id": 100 + i, "image_id": i + 1, "answers": [{"answer": "zq never", "answer_id": j}
+                                                                   for j in range(10)]}
+        if drop_answers and i == 2:
+            del a["answers"]
+        anns.append(a)
+    (root / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(
+        json.dumps({"data_subtype": "val2014", "questions": qs}))
+    (root / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": anns}))
+    return root
+
+
+@pytest.mark.parametrize("name", ["tiny-blip2-opt", "tiny-blip2-t5"])
+def test_vqa_end_to_end_on_vqav2_files(name, blip_opt, blip_t5, tmp_path):
+    adapter = blip_opt if name.endswith("opt") else blip_t5
+    root = _vqa_files(tmp_path)
+    rows = formats.read_vqa(*formats.find_vqa_files(root))
+    assert [r["question_id"] for r in rows] == [100, 101, 102, 103]
+    prompts = [f"Question: {r['question']} Short answer:" for r in rows]
+    kw = dict(max_new_tokens=4, min_new_tokens=1, num_beams=3, length_penalty=-1.0, batch_size=3)
+    preds = generate_answers(adapter, [r["image"] for r in rows], prompts, **kw)
+    assert len(preds) == 4 and all(isinstance(p, str) for p in preds)
+    assert generate_answers(adapter, [r["image"] for r in rows], prompts, **kw) == preds  # deterministic
+    # rewrite the annotations so that the expected accuracy is known: question 0's ten answers are the
+    # model's own prediction (score 1), question 1 has it 2 times out of 10 (score 0.6), the rest never
+    ann = json.loads((root / "v2_mscoco_val2014_annotations.json").read_text())
+    ann["annotations"][0]["answers"] = [{"answer": preds[0]}] * 10
+    ann["annotations"][1]["answers"] = [{"answer": preds[1]}] * 2 + [{"answer": "zq never"}] * 8
+    (root / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(ann))
+    assert all(M.normalize_vqa_answer(p) != "zq never" for p in preds)
+    res = evaluate(adapter, "vqav2", str(root), max_new_tokens=4, num_beams=3, batch_size=3)
+    assert [p["prediction"] for p in res["predictions"]] == preds
+    assert res["n"] == 4
+    assert res["vqa_accuracy"] == pytest.approx(100 * (1 + 0.6) / 4)
+    lim = evaluate(adapter, "okvqa", root, limit=1, max_new_tokens=4, num_beams=1)
+    assert lim["n"] == 1 and 0 <= lim["vqa_accuracy"] <= 100 and math.isfinite(lim["vqa_accuracy"])
+
+
+@pytest.mark.parametrize("name", ["tiny-blip2-opt", "tiny-blip2-t5"])
+def test_generate_answers_equals_direct_generate_and_padding_is_invisible(name, blip_opt, blip_t5):
+    adapter = blip_opt if name.endswith("opt") else blip_t5
+    m, tok = adapter.model, adapter.tokenizer
+    g = torch.Generator().manual_seed(3)
+    images = [torch.randn(3, 32, 32, generator=g) for _ in range(4)]
+    prompts = ["Question: what? Short answer:", "a", "Question: which colour is the large thing? Short answer:", ""]
+    batched = generate_answers(adapter, images, prompts, max_new_tokens=5, batch_size=4)
+    for im, p, got in zip(images, prompts, batched):
+        ids = torch.tensor([[m.config.image_token_index] * m.config.num_query_tokens
+                            + tok.encode(p, add_special_tokens=True)])
+        with torch.no_grad():
+            out = m.generate(pixel_values=im[None], input_ids=ids, attention_mask=torch.ones_like(ids),
+                             max_new_tokens=5, do_sample=False)
+        new = out[0, ids.shape[1]:] if not adapter.is_t5 else out[0]
+        assert got == tok.decode(new.tolist(), skip_special_tokens=True).strip()
+    assert len(set(batched)) > 1  # the answers depend on the input
+
+
+def test_gqa_exact_match_and_bundled_vqa_rows(blip_opt, tmp_path):
+    for i in range(3):
+        _png(tmp_path / "images" / f"n{i}.jpg", COLOURS[i], seed=i)
+    q = {f"q{i}": {"imageId": f"n{i}", "question": f"is it thing {i}?", "answer": "zq never"} for i in range(3)}
+    (tmp_path / "testdev_balanced_questions.json").write_text(json.dumps(q))
+    rows = formats.read_gqa(tmp_path / "testdev_balanced_questions.json")
+    preds = generate_answers(blip_opt, [r["image"] for r in rows],
+                             [f"Question: {r['question']} Short answer:" for r in rows],
+                             max_new_tokens=4, min_new_tokens=1, num_beams=5, length_penalty=-1.0)
+    q["q1"]["answer"] = preds[1]
+    (tmp_path / "testdev_balanced_questions.json").write_text(json.dumps(q))
+    res = evaluate(blip_opt, "gqa", tmp_path / "testdev_balanced_questions.json", max_new_tokens=4)
+    assert res["vqa_accuracy"] == pytest.approx(100 / 3)
+    # in-memory rows (the bundled form): PIL images, answers lists
+    mem = [{"image": Image.open(r["image"]), "question": r["question"], "answers": [p] * 10}
+           for r, p in zip(rows, preds)]
+    out = vqa(blip_opt, mem, max_new_tokens=4)
+    assert out["vqa_accuracy"] == pytest.approx(100.0)  # every answer matches: min(1, 9/3) = 1
+
+
+# --------------------------------------------------------------------------- captioning
+def test_caption_on_coco_json_scores_the_generated_captions(blip_opt, tmp_path):
+    images = [{"id": 7 + i, "file_name": f"im{i}.jpg"} for i in range(3)]
+    for i in range(3):
+        _png(tmp_path / f"im{i}.jpg", COLOURS[i], seed=i)
+    refs = [["a red square on a table", "a red block"], ["green grass"], ["a blue sky", "the ocean"]]
+    anns = [{"image_id": 7 + i, "caption": c, "id": k} for i, cs in enumerate(refs) for k, c in enumerate(cs)]
+    path = tmp_path / "nocaps_val_4500_captions.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns}))
+    res = caption(blip_opt, path, max_new_tokens=6, min_new_tokens=2, num_beams=2)
+    assert res["n"] == 3 and len(res["predictions"]) == 3
+    assert [p["image_id"] for p in res["predictions"]] == [7, 8, 9]
+    preds = [p["caption"] for p in res["predictions"]]
+    assert preds == generate_answers(blip_opt, [tmp_path / f"im{i}.jpg" for i in range(3)], "a photo of",
+                                     max_new_tokens=6, min_new_tokens=2, num_beams=2)
+    cands = [M.simple_tokenize(p) for p in preds]
+    toks = [[M.simple_tokenize(r) for r in rs] for rs in refs]
+    assert res["cider"] == pytest.approx(100 * M.cider_d(cands, toks))
+    assert res["bleu4"] == pytest.approx(100 * M.bleu(cands, toks)[3])
+    assert all(math.isfinite(res[k]) and res[k] >= 0 for k in ("cider", "bleu4"))
+
+
+def test_score_captions_and_vqa_on_known_text():
+    refs = [["a man riding a horse on the beach", "a person rides a horse"], ["two dogs play in the snow"]]
+    perfect = score_captions(["a man riding a horse on the beach", "two dogs play in the snow"], refs)
+    worse = score_captions(["a horse", "a cat sleeping"], refs)
+    assert perfect["bleu4"] == pytest.approx(100, abs=1e-6) and perfect["cider"] > worse["cider"] >= 0
+    # raw captions are lower-cased and stripped of punctuation before scoring
+    part = score_captions(["A man riding a horse, near the sea.", "Two dogs play in snow!"], refs)
+    cands = ["a man riding a horse near the sea", "two dogs play in snow"]
+    assert part["bleu4"] == pytest.approx(100 * M.bleu(cands, refs)[3])
+    assert part["bleu4"] != pytest.approx(100 * M.bleu(cands, refs)[2])
+    assert part["cider"] == pytest.approx(100 * M.cider_d(cands, refs)) and part["cider"] > 0
+    assert score_vqa(["Two", "yes"], [["2"] * 10, ["no"] * 10]) == pytest.approx(50.0)
+    assert score_vqa(["the cat", "dog"], ["cat", "cat"], metric="exact_match") == pytest.approx(50.0)
+
+
+# --------------------------------------------------------------------------- bundled sets and errors
+def test_bundled_sets_are_used_without_data(llama, clip, blip_opt):
+    llama.bundled_eval_data = lambda task: TEXT
+    llama.default_task = "perplexity"
+    try:
+        res = evaluate(llama, window=32)
+        assert res["perplexity"] == pytest.approx(perplexity(llama, TEXT, window=32))
+        assert res["windows"] == len(llama.tokenizer.encode(TEXT)) // 32
+    finally:
+        del llama.bundled_eval_data, llama.default_task
+    g = torch.Generator().manual_seed(0)
+    imgs = [torch.randn(3, 32, 32, generator=g) for _ in range(6)]
+    clip.bundled_eval_data = lambda task: {"images": imgs, "labels": [0, 1, 2, 0, 1, 2],
+                                           "classnames": ["cat", "dog", "car"], "templates": ["a {}"]}
+    try:
+        res = evaluate(clip, "zeroshot")
+        with torch.no_grad():
+            w = torch.nn.functional.normalize(clip.model.encode_text(clip.tokenizer(["a cat", "a dog", "a car"])),
+                                              dim=-1)
+            logits = clip.model.encode_image(torch.stack(imgs), normalize=True) @ w.T
+        assert res["acc1"] == pytest.approx(100 * float((logits.argmax(1) == torch.tensor([0, 1, 2] * 2)).float()
+                                                        .mean()))
+    finally:
+        del clip.bundled_eval_data
+    blip_opt.bundled_eval_data = lambda task: {"caption": [{"image": imgs[0], "references": ["a thing"]}]}[task]
+    try:
+        assert evaluate(blip_opt, "caption", max_new_tokens=3, num_beams=1)["n"] == 1
+        with pytest.raises(UserError, match="no bundled set for task 'gqa'.*--data"):
+            evaluate(blip_opt, "gqa")
+    finally:
+        del blip_opt.bundled_eval_data
+
+
+def test_bad_inputs_raise_user_errors(clip, llama, blip_opt, tmp_path):
+    with pytest.raises(UserError, match=r"needs a BLIP-2 model.*CLIP model.*zeroshot, retrieval"):
+        evaluate(clip, "vqav2", tmp_path)
+    with pytest.raises(UserError, match="unknown task 'vqa3'"):
+        evaluate(clip, "vqa3")
+    with pytest.raises(UserError, match="pass --task"):
+        evaluate(clip)
+    with pytest.raises(UserError, match="does not exist"):
+        evaluate(clip, "zeroshot", tmp_path / "nowhere")
+    with pytest.raises(UserError, match="needs --data"):
+        evaluate(llama, "perplexity")
+    root = _vqa_files(tmp_path / "bad", drop_answers=True)
+    with pytest.raises(UserError, match=r"v2_mscoco_val2014_annotations\.json: annotation 2 has no 'answers'"):
+        evaluate(blip_opt, "vqav2", root)
+    (root / "v2_OpenEnded_mscoco_val2014_questions.json").write_text(json.dumps({"data_subtype": "val2014",
+                                                                                "items": []}))
+    with pytest.raises(UserError, match=r"questions\.json: the file has no 'questions' field"):
+        formats.read_vqa(*formats.find_vqa_files(root))
+    with pytest.raises(UserError, match="same length"):
+        score_vqa(["a", "b"], [["a"] * 10])
+    with pytest.raises(UserError, match="same length"):
+        score_captions(["a"], [["a"], ["b"]])
+    with pytest.raises(UserError, match="one prompt per image"):
+        generate_answers(blip_opt, [torch.zeros(3, 32, 32)] * 2, ["a", "b", "c"])
+    with pytest.raises(UserError, match="longer than tiny-llama's context of 256"):
+        perplexity(llama, TEXT, window=512)
+    with pytest.raises(UserError, match="fewer than one window"):
+        perplexity(llama, "short text", window=64)
+    with pytest.raises(UserError, match="stride must be between 1 and the window"):
+        perplexity(llama, TEXT, window=32, stride=64)
+    with pytest.raises(UserError, match="has no 'annotations' field"):
+        p = tmp_path / "nocaps_test.json"
+        p.write_text(json.dumps({"images": [{"id": 1, "file_name": "x.jpg"}]}))
+        caption(blip_opt, p)
+    with pytest.raises(UserError, match=r"image .*im0\.png.* does not exist.*--image-root"):
+        k = tmp_path / "k.json"
+        k.write_text(json.dumps([{"image": "im0.png", "caption": ["x"]}]))
+        retrieval(clip, k)
+
+
+# --------------------------------------------------------------------------- CLI and record
+def _parser():
+    parser = argparse.ArgumentParser(prog="ecoflap")
+    add_evaluate_parser(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def test_cli_writes_results_json_for_dense_and_pruned_models(tmp_path, image_folder, capsys):
+    from ecoflap_utils import prune, save_pruned
+
+    parser = _parser()
+    text = tmp_path / "wiki.test.raw"
+    text.write_text(TEXT)
+    out = tmp_path / "ppl"
+    args = parser.parse_args(["evaluate", "--model", "tiny-llama", "--task", "perplexity", "--data", str(text),
+                              "--window", "32", "--out", str(out), "--no-progress"])
+    assert args.func(args) == 0
+    rec = json.loads((out / "results.json").read_text())
+    assert set(rec) == {"model", "method", "sparsity", "task", "metrics", "resources", "config"}
+    assert rec["model"] == "tiny-llama" and rec["method"] == "dense" and rec["sparsity"] == 0.0
+    assert rec["task"] == "perplexity"
+    assert rec["metrics"]["perplexity"] == pytest.approx(perplexity(load_model("tiny-llama"), TEXT, window=32))
+    assert "evaluate" in rec["resources"]["stages"]
+    with pytest.raises(UserError, match="already holds"):
+        args.func(args)
+
+    # a pruned run's folder: method and sparsity come from its pruning_config.json
+    adapter = load_model("tiny-clip")
+    save_pruned(adapter, tmp_path / "run", prune(adapter, 0.5, method="magnitude", progress=False))
+    names = tmp_path / "classes.txt"
+    names.write_text("\n".join(sorted(CLASSES)))
+    out2 = tmp_path / "zs"
+    args = parser.parse_args(["evaluate", "--model", str(tmp_path / "run"), "--task", "zeroshot", "--data",
+                              str(image_folder), "--classnames", str(names), "--limit", "6", "--out", str(out2)])
+    assert args.func(args) == 0
+    rec = json.loads((out2 / "results.json").read_text())
+    assert rec["method"] == "magnitude" and rec["sparsity"] == pytest.approx(0.5) and rec["model"] == "tiny-clip"
+    assert set(rec["metrics"]) == {"acc1", "acc5", "mean_per_class_recall", "n"}
+    direct = zeroshot_classification(load_model(str(tmp_path / "run")), image_folder, classnames=sorted(CLASSES),
+                                     limit=6)
+    assert rec["metrics"]["acc1"] == pytest.approx(direct["acc1"])
+    assert json.loads((out2 / "clip_benchmark.json").read_text())["task"] == "zeroshot_classification"
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_cli_help_documents_every_flag_and_bad_flags_raise():
+    parser = _parser()
+    sub = parser._subparsers._group_actions[0].choices["evaluate"]
+    text = sub.format_help()
+    for action in sub._actions:
+        for opt in action.option_strings:
+            assert opt in text
+        if action.option_strings and action.dest != "help":
+            assert action.help and len(action.help) > 10
+    for flag in ("--model", "--task", "--data", "--limit", "--batch-size", "--device", "--dtype", "--classnames",
+                 "--templates", "--out", "--overwrite"):
+        assert flag in text
+    with pytest.raises(UserError, match="--limit must be a positive integer"):
+        run_evaluate(model="tiny-llama", task="perplexity", out="/tmp/never-written-ecoflap", limit=0)
+    with pytest.raises(UserError, match="--data .* does not exist"):
+        run_evaluate(model="tiny-llama", data="/nonexistent/wiki.raw", out="/tmp/never-written-ecoflap")
+
+
+def test_results_record_schema_keeps_numeric_metrics():
+    rec = results_record("m", "wanda", 0.5, "caption", {"cider": 1.5, "bleu4": 2, "predictions": [1, 2]},
+                         resources={"peak_mb": 3.0}, config={"limit": 4})
+    assert rec == {"model": "m", "method": "wanda", "sparsity": 0.5, "task": "caption",
+                   "metrics": {"cider": 1.5, "bleu4": 2}, "resources": {"peak_mb": 3.0}, "config": {"limit": 4}}
