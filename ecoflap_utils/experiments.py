@@ -32,6 +32,10 @@ METHODS: dict[str, dict[str, Any]] = {
 }
 
 
+#: counts returned by the evaluators that are not quality metrics (kept out of results records)
+BOOKKEEPING = ("n", "tokens", "windows", "window", "stride", "n_images", "n_texts")
+
+
 def record(model: str, method: str, sparsity: float, task: str, metrics: Mapping[str, Any],
            resources: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """One results record in the project's schema."""
@@ -56,7 +60,8 @@ def evaluate_task(adapter: ModelAdapter, task: str | None = None, data=None, lim
 
     out = evaluate.evaluate(adapter, task, data=data, limit=limit, progress=False, **kw)
     out = out.get("metrics", out) if isinstance(out, dict) and "metrics" in out else out
-    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: float(v) for k, v in out.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in BOOKKEEPING}
 
 
 def coarse_scores(adapter: ModelAdapter, scores: str, *, calibration=None, samples: int = 32, batch_size: int = 8,

@@ -202,8 +202,8 @@ def bar_by_group(ax, names: Sequence[str], values, *, groups: Sequence[str] | No
         for i, g in enumerate(order):
             idx = np.array([str(h) == g for h in groups])
             ax.bar(x[idx], vals[idx], color=OKABE_ITO[i % len(OKABE_ITO)], width=0.85, label=g)
-        if len(order) > 1:
-            ax.legend()
+        if len(order) > 1:  # outside the axes, so it never covers a bar
+            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     _category_ticks(ax, list(names))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

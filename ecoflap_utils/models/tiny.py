@@ -51,8 +51,10 @@ def _t5_config(**over):
 def _blip2_config(text_config):
     from transformers import Blip2Config, Blip2QFormerConfig, Blip2VisionConfig
 
+    # initializer_range: BLIP-2's vision default (1e-10) assumes pretrained weights; a random tiny model
+    # needs ordinary scales, or its vision tower outputs nothing the loss can see
     vision = Blip2VisionConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-                               image_size=32, patch_size=8)
+                               image_size=32, patch_size=8, initializer_range=0.02)
     qformer = Blip2QFormerConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                  encoder_hidden_size=48, cross_attention_frequency=1, vocab_size=128,
                                  max_position_embeddings=64)
@@ -78,7 +80,7 @@ def build_tiny(name: str, *, device="cpu", dtype=torch.float32, weights: str | N
         model = model.to(device=device, dtype=dtype)
         c = model.config
         tok = ByteTokenizer(c.vocab_size, reserved=0, pad_id=c.pad_token_id, bos_id=c.bos_token_id, eos_id=c.eos_token_id)
-        return CausalLMAdapter(model, name, tokenizer=tok, device=device, dtype=dtype, seq_len=32)
+        return _attach_eval(CausalLMAdapter(model, name, tokenizer=tok, device=device, dtype=dtype, seq_len=32))
     if name.startswith("tiny-blip2"):
         from transformers import Blip2ForConditionalGeneration
 
@@ -92,7 +94,7 @@ def build_tiny(name: str, *, device="cpu", dtype=torch.float32, weights: str | N
         t = model.config.text_config
         tok = ByteTokenizer(t.vocab_size, reserved=1, pad_id=t.pad_token_id, bos_id=getattr(t, "bos_token_id", None) or 0,
                             eos_id=t.eos_token_id)
-        return Blip2Adapter(model, name, tokenizer=tok, device=device, dtype=dtype)
+        return _attach_eval(Blip2Adapter(model, name, tokenizer=tok, device=device, dtype=dtype))
     # tiny-clip
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
@@ -107,8 +109,8 @@ def build_tiny(name: str, *, device="cpu", dtype=torch.float32, weights: str | N
 
         load_model(model, weights)
     model = model.to(device=device, dtype=dtype)
-    return CLIPAdapter(model, name, tokenizer=TinyClipTokenizer(128, 16), preprocess=tiny_preprocess(32),
-                       device=device, dtype=dtype, arch="tiny-clip")
+    return _attach_eval(CLIPAdapter(model, name, tokenizer=TinyClipTokenizer(128, 16), preprocess=tiny_preprocess(32),
+                                    device=device, dtype=dtype, arch="tiny-clip"))
 
 
 def tiny_preprocess(size: int):
@@ -117,3 +119,42 @@ def tiny_preprocess(size: int):
 
     return T.Compose([T.Lambda(lambda im: im.convert("RGB")), T.Resize(size), T.CenterCrop(size), T.ToTensor(),
                       T.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))])
+
+
+TINY_TEXT = (
+    "Pruning removes weights from a trained network. A layer-wise pruner compares the weights inside one "
+    "layer, while a global view compares whole blocks through the loss of the model. Vision and language "
+    "modules of a multimodal model respond differently to the same sparsity. "
+)
+
+
+def tiny_eval_data(adapter, task: str):
+    """Generated held-out sets for the tiny models (seed 10_000, disjoint from calibration seeds):
+    perplexity text, an 8-class zero-shot set, a VQA set. A random model scores about chance on them."""
+    from ..errors import UserError
+    from .hf import generated_image_text_samples
+    from .openclip import generated_clip_samples
+
+    if task == "perplexity" and adapter.family == "causal_lm":
+        return TINY_TEXT * 12
+    if task == "zeroshot" and adapter.family == "clip":
+        samples = generated_clip_samples(64, 10_000, image_size=adapter.image_size,
+                                         context_length=adapter.context_length, vocab=int(adapter.model.vocab_size))
+        return {"images": [s["image"] for s in samples], "labels": [s["label"] for s in samples],
+                "classnames": [f"pattern {c}" for c in range(8)], "templates": ["a photo of {}.", "{}"]}
+    if task in ("vqav2", "caption") and adapter.family == "blip2":
+        samples = generated_image_text_samples(32, 10_000, image_size=adapter.model.config.vision_config.image_size,
+                                               vocab=adapter.model.config.text_config.vocab_size - 1)
+        if task == "caption":
+            return [{"image": s["pixel_values"], "references": [f"pattern {s['label']}"]} for s in samples]
+        return [{"image": s["pixel_values"], "question": "which pattern is this?", "answers": [str(s["label"])] * 10}
+                for s in samples]
+    raise UserError(f"{adapter.name} has no bundled set for task {task!r}")
+
+
+def _attach_eval(adapter):
+    import types
+
+    adapter.default_task = {"causal_lm": "perplexity", "clip": "zeroshot", "blip2": "vqav2"}[adapter.family]
+    adapter.bundled_eval_data = types.MethodType(tiny_eval_data, adapter)
+    return adapter

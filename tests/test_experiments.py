@@ -1,0 +1,93 @@
+"""The notebooks' experiment helpers, on tiny models."""
+import numpy as np
+import pytest
+import torch
+
+from ecoflap_utils import UserError, load_model
+from ecoflap_utils import experiments as ex
+
+
+def _state(a):
+    return {k: v.clone() for k, v in a.model.state_dict().items()}
+
+
+def _same(a, before):
+    return all(torch.equal(before[k], v) for k, v in a.model.state_dict().items())
+
+
+def test_sparsity_sweep_records_every_point_and_restores_the_model():
+    a = load_model("tiny-clip")
+    before = _state(a)
+    recs = ex.sparsity_sweep(a, methods=["wanda", "ecoflap-zeroth", "owl"], sparsities=[0.5, 0.7], limit=16,
+                             calib_samples=8, first_stage_samples=8, progress=False)
+    assert [(r["method"], r["sparsity"]) for r in recs] == [("dense", 0.0)] + [
+        (m, s) for m in ["wanda", "ecoflap-zeroth", "owl"] for s in [0.5, 0.7]]
+    for r in recs[1:]:
+        assert abs(r["config"]["actual_sparsity"] - r["sparsity"]) < 0.01
+        assert set(r["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
+        assert r["resources"]["fine"]["wall_s"] > 0
+    assert "scores" in recs[3]["resources"]  # ecoflap records the coarse stage
+    assert _same(a, before)
+    with pytest.raises(UserError, match="unknown method"):
+        ex.sparsity_sweep(a, methods=["lamp"], sparsities=[0.5])
+
+
+def test_sweep_scores_are_computed_once_per_score_method(monkeypatch):
+    a = load_model("tiny-llama")
+    calls = []
+    real = ex.compute_scores
+    monkeypatch.setattr(ex, "compute_scores", lambda *args, **kw: calls.append(args[1]) or real(*args, **kw))
+    ex.sparsity_sweep(a, methods=["ecoflap-zeroth"], sparsities=[0.5, 0.6, 0.7], limit=1, calib_samples=8,
+                      first_stage_samples=8, include_dense=False, progress=False)
+    assert calls == ["zeroth"]
+
+
+def test_stack_sensitivity_prunes_only_the_named_module():
+    a = load_model("tiny-blip2-t5")
+    seen = []
+    real = ex.prune
+
+    def spy(adapter, s, **kw):
+        res = real(adapter, s, **kw)
+        seen.append({r["stack"] for r in res.report})
+        return res
+
+    ex.prune = spy
+    try:
+        recs = ex.stack_sensitivity(a, sparsities=[0.5], limit=4, calib_samples=4)
+    finally:
+        ex.prune = real
+    assert [r["config"]["pruned"] for r in recs] == ["vision", "language"]
+    assert seen == [{"vision"}, {"text_encoder", "text_decoder"}]
+
+
+def test_loss_landscape_is_zero_at_the_origin_and_restores_weights():
+    a = load_model("tiny-clip")
+    before = _state(a)
+    land = ex.loss_landscape(a, alphas=[-0.1, 0.0, 0.1], directions=2, samples=8)
+    assert set(land) == {"vision", "language"}
+    for curves in land.values():
+        assert curves.shape == (2, 3)
+        assert np.all(curves[:, 1] == 0.0)
+        assert np.all(curves[:, [0, 2]] != 0.0)
+    assert _same(a, before)
+
+
+def test_weight_statistics_per_modality():
+    a = load_model("tiny-blip2-opt")
+    st = ex.weight_statistics(a, calib_samples=4, max_values=500)
+    assert set(st) == {"vision", "language"}
+    for kinds in st.values():
+        assert set(kinds) == {"weight", "wanda", "gradient"}
+        assert all(v.shape == (500,) and (v >= 0).all() for v in kinds.values())
+    assert all(p.grad is None for p in a.model.parameters())
+
+
+def test_allocation_table_and_score_agreement():
+    a = load_model("tiny-llama")
+    scores = ex.compute_scores(a, "magnitude")
+    rows = ex.allocation_table(a, scores, [0.5], methods=("uniform", "ecoflap"))
+    assert {r["sparsity"] for r in rows if r["allocation"] == "uniform"} == {0.5}
+    agree = ex.score_agreement(a, sample_counts=(8,), methods=("zeroth",))
+    assert [r["method"] for r in agree] == ["first (exact)", "zeroth"]
+    assert -1.0 <= agree[1]["spearman"] <= 1.0
