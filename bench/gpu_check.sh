@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# GPU memory/time check at the paper's scale (BLIP-2 Flan-T5-XL architecture, random bf16 weights).
+# Needs an NVIDIA GPU and the project's requirements; no network. Finishes in under 8 minutes on an H200.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+"$PY" bench/gpu_check.py --scale full --device cuda --dtype bfloat16 "$@"
