@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m ecoflap_utils prune --model tiny-blip2-t5 --method wanda --sparsity 0.5 --out runs/cli-tiny-blip2-t5-wanda --overwrite --no-progress
+	$(PY) -m ecoflap_utils runs grids/default.yaml --out runs
 
 test: $(STAMP)
 	$(PY) -m pytest tests
