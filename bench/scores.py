@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+THREADS = 2
 sys.path.insert(0, str(ROOT))
 
 
@@ -99,7 +100,7 @@ def accumulate(per_batch: list[dict], n_batches: int) -> dict:
 
 def bench_model(model: str, *, samples: int, batch_size: int, seq_len: int | None, paper_tensors: int | None,
                 jvp_blocks: int | None, tensor_sample: int | None, rank_samples: list[int]) -> list[dict]:
-    base = dict(model=model, samples=samples, batch_size=batch_size, seq_len=seq_len)
+    base = dict(model=model, samples=samples, batch_size=batch_size, seq_len=seq_len, threads=THREADS)
     runs = [("no-grad forward", "forward", None, ""),
             ("zeroth, per group, cached prefixes (ours)", "zeroth/group/cache", None, ""),
             ("zeroth, per tensor, cached prefixes", "zeroth/tensor/cache", tensor_sample, ""),
@@ -166,12 +167,15 @@ def main(argv=None) -> int:
     p.add_argument("--jvp-blocks", type=int, default=6, help="blocks timed for jvp on large models")
     p.add_argument("--tensor-sample", type=int, default=12, help="tensors timed for per-tensor cached zeroth on large models")
     p.add_argument("--full", action="store_true", help="no sampling, and rank agreement up to 128 samples everywhere")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per measurement (1 on a busy machine)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "scores.md"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         print(json.dumps(_child(json.loads(a.child))))
         return 0
+    global THREADS
+    THREADS = a.threads
     all_rows, all_rank = [], []
     t0 = time.time()
     for model in a.models.split(","):
