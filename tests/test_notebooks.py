@@ -28,6 +28,7 @@ def test_notebook_is_committed_clean_and_thin(path):
     assert len(params) == 1
     for line in params[0].source.strip().splitlines():  # NAME: type = value  # help
         assert ":" in line.split("=")[0] and "#" in line, line
+        assert "=" not in line.split("#", 1)[1], f"papermill cannot parse '=' in a help comment: {line}"
     assert "OUT_DIR" in params[0].source and "MODEL" in params[0].source
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
     assert all(len(c.source.strip().splitlines()) <= 15 for c in code)
@@ -61,3 +62,25 @@ def test_every_notebook_runs_on_the_tiny_models(tmp_path):
     # a second run resumes: nothing is executed again
     again = run_grid(ROOT / "grids" / "tiny.yaml", tmp_path / "runs", progress=False, summary=False)
     assert not again.executed and len(again.skipped) == len(result.runs)
+
+
+HIGHER_IS_BETTER = {"acc1": True, "vqa_accuracy": True, "cider": True, "perplexity": False}
+
+
+def test_smoke_grid_on_the_bundled_models(tmp_path):
+    """grids/smoke.yaml: every notebook on the bundled models at minimal sizes; dense beats 0.7 sparsity."""
+    result = run_grid(ROOT / "grids" / "smoke.yaml", tmp_path / "runs", progress=False, summary=False)
+    assert not result.failed, result.failed
+    compared = 0
+    for res in (tmp_path / "runs").glob("*/*/results.json"):
+        records = check_results(res)
+        for d in [r for r in records if r["method"] == "dense"]:
+            for r in records:
+                if r["task"] != d["task"] or abs(r["sparsity"] - 0.7) > 1e-9:
+                    continue
+                for metric, higher in HIGHER_IS_BETTER.items():
+                    if metric in d["metrics"] and metric in r["metrics"]:
+                        better = d["metrics"][metric] > r["metrics"][metric]
+                        assert better == higher, (res, r["method"], metric)
+                        compared += 1
+    assert compared >= 3
