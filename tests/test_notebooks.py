@@ -31,7 +31,8 @@ def test_notebook_is_committed_clean_and_thin(path):
         assert "=" not in line.split("#", 1)[1], f"papermill cannot parse '=' in a help comment: {line}"
     assert "OUT_DIR" in params[0].source and "MODEL" in params[0].source
     assert nb.cells[0].cell_type == "markdown" and nb.cells[0].source.startswith("# ")
-    assert all(len(c.source.strip().splitlines()) <= 15 for c in code)
+    # every cell but the parameter list stays short: longer logic belongs in the package, with a test
+    assert all(len(c.source.strip().splitlines()) <= 15 for c in code if c not in params)
 
 
 def check_results(path: Path) -> list[dict]:
