@@ -199,14 +199,7 @@ def train_miniclip(*, steps: int = 1000, seed: int = 0, out: str | Path | None =
 
 
 # --------------------------------------------------------------------------- mini-blip2
-def _pad_right(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), value, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    return ids, mask
+from ..models.hf import _pad as _pad_right  # noqa: E402  (right padding, shared with Blip2Adapter.collate)
 
 
 def blip2_answer_loss(model, pixel_values: torch.Tensor, prefix_ids: Sequence[Sequence[int]],
