@@ -591,16 +591,61 @@ def results_markdown(df, *, floatfmt: str = ".4f") -> str:
     return format_table(rows, cols, floatfmt=floatfmt)
 
 
+#: the metric a task's headline table shows (higher is better except perplexity)
+MAIN_METRIC = {"zeroshot": "acc1", "retrieval": "mean_recall", "vqav2": "vqa_accuracy", "okvqa": "vqa_accuracy",
+               "gqa": "vqa_accuracy", "caption": "cider", "perplexity": "perplexity"}
+
+
+def _main_metric(task: str, sub) -> str | None:
+    import pandas as pd
+
+    cols = [c for c in metric_columns(sub) if pd.to_numeric(sub[c], errors="coerce").notna().any()]
+    if MAIN_METRIC.get(task) in cols:
+        return MAIN_METRIC[task]
+    return cols[0] if cols else None
+
+
+def headline_tables(df, *, floatfmt: str = ".2f") -> str:
+    """For each (model, task) whose records span several sparsities: its main metric with one row per method
+    (and run, where several runs measure a method at the same sparsity) and one column per sparsity, dense in column 0."""
+    import pandas as pd
+
+    from .report import format_table
+
+    parts = []
+    if df.empty:
+        return "(no complete runs)"
+    for (model, task), sub in df.groupby([df["model"].astype(str), df["task"].astype(str)], sort=True):
+        metric = _main_metric(task, sub)
+        sp = pd.to_numeric(sub["sparsity"], errors="coerce")
+        if metric is None or sp.nunique() < 2:
+            continue
+        sub = sub.assign(value_=pd.to_numeric(sub[metric], errors="coerce"), sp_=sp).dropna(subset=["value_", "sp_"])
+        # a method measured at the same sparsity by several runs (different settings) gets one row per run
+        several = ((sub.groupby(["method", "sp_"])["run"].nunique() > 1).groupby(level=0).any()
+                   if "run" in sub else pd.Series(dtype=bool))
+        cols = [f"{s:g}" for s in sorted(sub["sp_"].unique())]
+        rows: dict[str, dict] = {}
+        for r in sub.to_dict("records"):
+            label = f"{r['method']} [{r['run']}]" if several.get(r["method"], False) else str(r["method"])
+            rows.setdefault(label, {"method": label})[f"{r['sp_']:g}"] = float(r["value_"])
+        parts.append(f"### {model} · {task} · {metric} by sparsity\n\n"
+                     + format_table(list(rows.values()), ["method", *cols], floatfmt=floatfmt))
+    return "\n\n".join(parts) if parts else "(no run spans several sparsities)"
+
+
 def write_summary(out_dir: str | os.PathLike, df=None) -> tuple[list[Path], list[Path], str]:
-    """Write ``results.csv``, ``results.md`` and ``figures/<model>_<task>_<metric>.png`` (metric against
-    sparsity, one line per method) in ``out_dir``, atomically. Returns (files, figures, markdown table)."""
+    """Write ``results.csv``, ``results.md`` (headline tables, then every record) and
+    ``figures/<model>_<task>_<metric>.png`` (metric against sparsity, one line per method) in ``out_dir``,
+    atomically. Returns (files, figures, the headline tables in Markdown)."""
     out = Path(out_dir)
     if df is None:
         df = collect_results(out)
-    table = results_markdown(df)
+    headline = headline_tables(df)
     write_text_atomic(out / "results.csv", df.to_csv(index=False))
-    write_text_atomic(out / "results.md", table + "\n")
-    return [out / "results.csv", out / "results.md"], summary_figures(out, df), table
+    write_text_atomic(out / "results.md", "## Headline\n\n" + headline + "\n\n## All records\n\n"
+                      + results_markdown(df) + "\n")
+    return [out / "results.csv", out / "results.md"], summary_figures(out, df), headline
 
 
 def summary_figures(out_dir: str | os.PathLike, df) -> list[Path]:

@@ -206,7 +206,16 @@ def test_results_table_csv_md_and_figures(batch):
         assert row.accuracy == pytest.approx(exp["accuracy"], abs=1e-12)
         assert row.loss == pytest.approx(exp["loss"], abs=1e-12)
     assert df["resources.seconds"].tolist() == [0.01] * 5
-    md = (out / "results.md").read_text().splitlines()
+    text = (out / "results.md").read_text()
+    head, full = text.split("## All records")
+    # headline: toy/cls's main metric (its first metric, accuracy) by method and sparsity, dense in column 0
+    hl = [[c.strip() for c in ln.strip("|").split("|")] for ln in head.splitlines() if ln.startswith("|")]
+    assert hl[0] == ["method", "0", "0.3", "0.6"]
+    assert hl[2:] == [["dense", f"{expected_metrics('dense', 0.0)['accuracy']:.2f}", "", ""]] + [
+        [m, "", f"{expected_metrics(m, 0.3)['accuracy']:.2f}", f"{expected_metrics(m, 0.6)['accuracy']:.2f}"]
+        for m in ("magnitude", "wanda")]
+    assert result.table.strip() == head.replace("## Headline", "").strip()
+    md = [ln for ln in full.splitlines() if ln.startswith("|")]
     assert [c.strip() for c in md[0].strip("|").split("|")] == ["model", "task", "method", "sparsity",
                                                                  "accuracy", "loss"]
     body = [[c.strip() for c in ln.strip("|").split("|")] for ln in md[2:]]
