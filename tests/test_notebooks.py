@@ -35,6 +35,17 @@ def test_notebook_is_committed_clean_and_thin(path):
     assert all(len(c.source.strip().splitlines()) <= 15 for c in code if c not in params)
 
 
+def test_notebooks_are_what_tools_build_notebooks_writes(tmp_path):
+    """The generator is the notebooks' source: a notebook edited by hand and not in the generator fails here."""
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, str(ROOT / "tools" / "build_notebooks.py"), str(tmp_path)], check=True,
+                   capture_output=True)
+    for path in NOTEBOOKS:
+        assert path.read_text() == (tmp_path / path.name).read_text(), f"{path.name}: run tools/build_notebooks.py"
+
+
 def check_results(path: Path) -> list[dict]:
     records = json.loads(path.read_text())
     records = records if isinstance(records, list) else [records]
