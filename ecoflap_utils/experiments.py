@@ -81,10 +81,13 @@ def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities:
                    task: str | None = None, data=None, limit: int | None = None, calib_samples: int = 128,
                    first_stage_samples: int = 32, batch_size: int = 8, seed: int = 0, granularity: str = "block",
                    max_sparsity_margin: float = 0.1, include_dense: bool = True, progress: bool | None = None,
-                   eval_kw: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+                   eval_kw: Mapping[str, Any] | None = None,
+                   score_cache: dict[str, tuple[dict, dict]] | None = None) -> list[dict[str, Any]]:
     """Dense, then every method at every sparsity: prune a restored copy, evaluate, record (ECoFLaP Tables 1-3).
 
-    Coarse-stage scores are computed once per score method and reused across sparsities.
+    Coarse-stage scores are computed once per score method and reused across sparsities. Pass a dict as
+    ``score_cache`` to reuse them afterwards (keys ``"zeroth"``, ``"first"``, ``"owl"``: ``(scores, resources)``,
+    computed on ``first_stage_samples`` samples with the default eps and noise).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -102,7 +105,7 @@ def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities:
     first_calib = adapter.calibration_samples(first_stage_samples, seed)
     groups = score_groups(adapter, granularity)
     sizes = {g: v["size"] for g, v in group_info(adapter, groups).items()}
-    score_cache: dict[str, tuple[dict, dict]] = {}
+    score_cache = {} if score_cache is None else score_cache
     jobs = [(name, s) for name in methods for s in sparsities]
     for name, s in tqdm(jobs, desc=f"sweep {adapter.name}", disable=None if progress in (None, True) else True):
         spec = METHODS[name]
