@@ -166,25 +166,16 @@ def weight_statistics(adapter: ModelAdapter, *, calib_samples: int = 16, batch_s
 
     Values are subsampled (seeded) to ``max_values`` per modality and kind.
     """
-    from contextlib import ExitStack
-
-    from .capture import hooks
-    from .prune import _Stats, input_tap, wanda_scores
+    from .prune import input_statistics, wanda_scores
 
     names = adapter.layer_names()
     block_of = adapter.block_of()
     calib = adapter.calibration_samples(calib_samples, seed)
-    stats = {w: _Stats(w, adapter.model.get_parameter(w).shape[1], "wanda", adapter.model.get_parameter(w).device)
-             for w in names}
     flags = {n: p.requires_grad for n, p in adapter.model.named_parameters()}
     try:
         for n, p in adapter.model.named_parameters():
             p.requires_grad_(n in names)
-        with ExitStack() as es:
-            for w in names:
-                mod, get = input_tap(adapter.model, w)
-                es.enter_context(hooks(mod.register_forward_pre_hook(
-                    lambda m_, a, kw, st=stats[w], get=get: st.add(get(a, kw)), with_kwargs=True)))
+        with input_statistics(adapter.model, names, "wanda") as stats:
             for batch in adapter.batches(calib, batch_size):
                 adapter.loss(batch).backward()
         rng = np.random.default_rng(seed)

@@ -10,9 +10,9 @@ Masks returned here are *keep* masks: ``True`` where a weight survives.
 from __future__ import annotations
 
 import math
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -239,6 +239,22 @@ def input_tap(model: nn.Module, weight_name: str) -> tuple[nn.Module, Callable]:
     raise UserError(f"{weight_name} is not a weight this pruner knows how to feed (Linear or MultiheadAttention)")
 
 
+@contextmanager
+def input_statistics(model: nn.Module, names: Sequence[str], kind: str = "wanda") -> Iterator[dict[str, _Stats]]:
+    """Within the ``with``, every forward accumulates the inputs of each weight in ``names`` into its
+    :class:`_Stats` (``kind`` "wanda": squared norms per input feature; "sparsegpt": also X^T X).
+    Yields {name: _Stats}; the hooks are removed on exit, also on error."""
+    stats: dict[str, _Stats] = {}
+    with ExitStack() as es:
+        for w in names:
+            mod, get = input_tap(model, w)
+            param = model.get_parameter(w)
+            st = stats[w] = _Stats(w, param.shape[1], kind, param.device)
+            es.enter_context(hooks(mod.register_forward_pre_hook(
+                lambda m, a, kw, st=st, get=get: st.add(get(a, kw)), with_kwargs=True)))
+        yield stats
+
+
 # --------------------------------------------------------------------------- the runner
 @dataclass
 class PruneResult:
@@ -329,15 +345,7 @@ def _prune_stack(adapter, blocks, batches, to_prune, method, nm_t, comparison, b
     for i, block in enumerate(bar):
         layers = [w for w in block.weights if w in to_prune]
         if layers:
-            stats = {}
-            with ExitStack() as es:
-                for w in layers:
-                    mod, get = input_tap(adapter.model, w)
-                    cols = adapter.model.get_parameter(w).shape[1]
-                    st = stats[w] = _Stats(w, cols, method, adapter.model.get_parameter(w).device)
-                    hook = mod.register_forward_pre_hook(
-                        lambda m, a, kw, st=st, get=get: st.add(get(a, kw)), with_kwargs=True)
-                    es.enter_context(hooks(hook))
+            with input_statistics(adapter.model, layers, method) as stats:
                 with torch.no_grad():
                     for b, call in enumerate(calls):
                         run_block(block, call[i], hidden[b])

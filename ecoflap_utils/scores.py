@@ -408,19 +408,13 @@ def owl_outlier_ratios(adapter: ModelAdapter, calibration: Sequence[Any] | None 
                        stacks: Sequence[str] | None = None) -> dict[str, float]:
     """OWL's layer-wise outlier ratio (Yin et al., 2024, Eq. 3): the fraction of Wanda scores
     |W_ij| * ||X_j|| in a group above ``m`` times the group's mean score, from a dense forward pass."""
-    from .prune import _Stats, input_tap, wanda_scores
+    from .prune import input_statistics, wanda_scores
 
     groups = score_groups(adapter, granularity, stacks)
     if calibration is None:
         calibration = adapter.calibration_samples(samples, seed)
     names = [w for ws in groups.values() for w in ws]
-    stats = {w: _Stats(w, adapter.model.get_parameter(w).shape[1], "wanda", adapter.model.get_parameter(w).device)
-             for w in names}
-    with ExitStack() as es:
-        for w in names:
-            mod, get = input_tap(adapter.model, w)
-            es.enter_context(hooks(mod.register_forward_pre_hook(
-                lambda m_, a, kw, st=stats[w], get=get: st.add(get(a, kw)), with_kwargs=True)))
+    with input_statistics(adapter.model, names, "wanda") as stats:
         with torch.no_grad():
             for batch in adapter.batches(list(calibration), batch_size):
                 adapter.forward(batch)
