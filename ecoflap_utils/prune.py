@@ -151,7 +151,6 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         d = torch.diag(Hinv1)
@@ -160,21 +159,22 @@ def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float
             mask1 = select_prune_mask(tmp, sparsity, comparison="matrix")
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        drop = mask1.to(W1.dtype)  # 1 where pruned (filled in per group of M columns for N:M)
         for i in range(i2 - i1):
-            w = W1[:, i]
             if nm is not None and i % nm[1] == 0:
                 tmp = W1[:, i:i + nm[1]] ** 2 / d[i:i + nm[1]].unsqueeze(0) ** 2
                 mask1[:, i:i + nm[1]] = select_prune_mask(tmp, 0.0, nm=nm)
-            q = w.clone()
-            q[mask1[:, i]] = 0
-            Q1[:, i] = q
-            err = (w - q) / d[i]
-            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
-            Err1[:, i] = err
-        W[:, i1:i2] = Q1
+                drop[:, i:i + nm[1]] = mask1[:, i:i + nm[1]].to(W1.dtype)
+            # the pruned part of column i, scaled: err = (w - q) / [H^-1]_ii with q = w outside the mask
+            err = Err1[:, i]
+            torch.mul(W1[:, i], drop[:, i], out=err).div_(d[i])
+            # OBS update of this and later columns; column i itself becomes q (w - err * d_i), so after the
+            # loop the block holds the quantised values without a separate copy
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1.0)
+        W1[mask1] = 0.0  # pruned entries are w - w/d*d: zero up to rounding; make them exact
+        W[:, i1:i2] = W1
         mask[:, i1:i2] = mask1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    W[mask] = 0.0
     return W, mask
 
 
