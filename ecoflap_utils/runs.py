@@ -649,7 +649,9 @@ def write_summary(out_dir: str | os.PathLike, df=None) -> tuple[list[Path], list
 
 
 def summary_figures(out_dir: str | os.PathLike, df) -> list[Path]:
-    """One PNG per (model, task, numeric metric): the metric against sparsity, one line per method."""
+    """One PNG per (model, task, numeric metric) whose records span several sparsities: the metric against
+    sparsity, one line per method measured at two or more sparsities (single-point ablations are left to
+    the table, where they read better), the dense model as a star; perplexity on a log scale."""
     import matplotlib as mpl
     from matplotlib.figure import Figure
     import pandas as pd
@@ -663,15 +665,22 @@ def summary_figures(out_dir: str | os.PathLike, df) -> list[Path]:
         plots.set_style()
         for (model, task), sub in df.groupby([df["model"].fillna("model").astype(str),
                                               df["task"].fillna("task").astype(str)], sort=True):
-            if sub["sparsity"].isna().all():
+            sp = pd.to_numeric(sub["sparsity"], errors="coerce")
+            if sp.nunique() < 2:
                 continue
             for metric in metric_columns(sub):
                 values = pd.to_numeric(sub[metric], errors="coerce")
                 if values.isna().all() or sub[metric].map(lambda v: isinstance(v, bool)).any():
                     continue
+                have = sub.assign(sp_=sp, v_=values).dropna(subset=["sp_", "v_"])
+                curves = [m for m, g in have[have["sp_"] > 0].groupby("method", sort=False) if g["sp_"].nunique() >= 2]
+                if not curves:
+                    continue
                 fig = Figure(figsize=(5.5, 3.8))
                 ax = fig.add_subplot()
-                plots.metric_vs_sparsity(ax, sub.assign(**{metric: values}), metric)
+                plots.metric_vs_sparsity(ax, sub.assign(**{metric: values}), metric, methods=curves)
+                if metric == "perplexity":
+                    ax.set_yscale("log")
                 ax.set_title(f"{model} · {task}")
                 paths.append(plots.save(fig, out_dir, f"{model}_{task}_{metric}"))
     return paths
