@@ -23,6 +23,9 @@ OKABE_ITO = ("#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 MAX_TICK_LABELS = 40  # more category labels than this are thinned to every k-th one
 DENSE_METHODS = ("dense", "none", "")
+#: one colour and marker per known method, so a method looks the same in every figure
+METHOD_STYLE = {"wanda": 0, "sparsegpt": 1, "ecoflap-zeroth": 2, "ecoflap-first": 3, "magnitude": 4, "owl": 5,
+                "ecoflap-zeroth-sparsegpt": 6}
 
 
 def set_style() -> None:
@@ -144,12 +147,14 @@ def metric_vs_sparsity(ax, df_or_records, metric: str, *, methods: Sequence[str]
             raise UserError(f"method(s) {', '.join(missing)} have no results: choose from {', '.join(found)}")
         found = list(methods)
     labels = dict(label_map or {})
+    free = [k for k in range(len(OKABE_ITO) - 1) if k not in {METHOD_STYLE.get(m) for m in found}]
     for i, m in enumerate(found):
         pts = d[d["method"] == m].groupby("sparsity")[col].mean()
         if dense_value is not None and 0.0 not in pts.index:
             pts.loc[0.0] = dense_value
         pts = pts.sort_index()
-        ax.plot(pts.index.to_numpy(), pts.to_numpy(), marker=MARKERS[i % len(MARKERS)],
+        k = METHOD_STYLE[m] if m in METHOD_STYLE else (free.pop(0) if free else i % (len(OKABE_ITO) - 1))
+        ax.plot(pts.index.to_numpy(), pts.to_numpy(), marker=MARKERS[k % len(MARKERS)], color=OKABE_ITO[k],
                 label=labels.get(m, m))
     if dense_value is not None:
         ax.plot([0.0], [dense_value], linestyle="none", marker="*", markersize=12, color="black",

@@ -308,6 +308,11 @@ def test_metric_vs_sparsity_from_records(tmp_path):
     fig, ax = _fig()
     plots.metric_vs_sparsity(ax, recs, "loss", methods=["sparsegpt"])
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["sparsegpt", "dense"]
+    # a known method keeps its colour whatever else is drawn (first plot: sparsegpt was the second line)
+    sgpt_colour = ax.get_lines()[0].get_color()
+    fig2, ax2 = _fig()
+    plots.metric_vs_sparsity(ax2, recs, "accuracy")
+    assert ax2.get_lines()[1].get_color() == sgpt_colour != ax2.get_lines()[0].get_color()
     with pytest.raises(UserError, match="metric 'bleu'.*accuracy"):
         plots.metric_vs_sparsity(ax, recs, "bleu")
 
