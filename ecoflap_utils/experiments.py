@@ -166,7 +166,7 @@ def weight_statistics(adapter: ModelAdapter, *, calib_samples: int = 16, batch_s
 
     Values are subsampled (seeded) to ``max_values`` per modality and kind.
     """
-    from .prune import input_statistics, wanda_scores
+    from .stats import input_statistics, wanda_scores
 
     names = adapter.layer_names()
     block_of = adapter.block_of()

@@ -166,14 +166,8 @@ def _weighted(rows, key) -> float | None:
 
 
 def load_pruned(out_dir: str | os.PathLike, *, device="cpu", dtype=None):
-    """Load a model written by ``save_pruned``: the same adapter, with the pruned weights."""
-    from .models import load_model
+    """Load a model written by ``save_pruned``: the same adapter, with the pruned weights
+    (``models.load_run``; ``load_model(out_dir)`` does the same)."""
+    from .models import load_run
 
-    out = Path(out_dir)
-    cfg = read_json(out / "pruning_config.json")
-    weights = out / ("model.safetensors" if cfg.get("family") == "clip" else "model")
-    if not weights.exists():
-        raise UserError(f"{out} has pruning_config.json but no {weights.name}: the run is incomplete; prune again")
-    adapter = load_model(cfg["model"], device=device, dtype=dtype or cfg.get("dtype", "float32"), weights=str(weights))
-    adapter.pruning_config = cfg
-    return adapter
+    return load_run(out_dir, device=device, dtype=dtype)

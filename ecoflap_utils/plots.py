@@ -105,7 +105,7 @@ def _frame(df_or_records):
         return df_or_records
     if isinstance(df_or_records, Mapping):
         df_or_records = [df_or_records]
-    from .runs import records_frame
+    from .records import records_frame
 
     return records_frame(list(df_or_records))
 

@@ -40,16 +40,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from .errors import UserError
 from .io import write_json_atomic, write_text_atomic
+from .records import CORE_COLUMNS, records_frame  # noqa: F401  (records_frame re-exported)
 
 COMPLETE = ".complete"
 STAMP = ".run.json"
 RESULTS = "results.json"
 ENTRY_KEYS = ("notebook", "parameters", "grid", "name")
-CORE_COLUMNS = ("model", "method", "sparsity", "task")
 RESERVED = ("OUT_DIR",)
 KERNEL_NAME = "ecoflap"
 _MAX_COMPONENT = 120
@@ -501,43 +501,6 @@ def report_text(result: GridResult) -> str:
 
 
 # -------------------------------------------------------------------------------------------- results
-
-def _flatten(prefix: str, obj: Mapping, out: dict) -> None:
-    for k, v in obj.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, Mapping):
-            _flatten(f"{key}.", v, out)
-        elif isinstance(v, (list, tuple)):
-            out[key] = json.dumps(v)
-        else:
-            out[key] = v
-
-
-def records_frame(records: Iterable[Mapping], runs: Sequence[str] | None = None):
-    """Result records (house schema) as a DataFrame: one row per record; ``model``, ``task``, ``method``,
-    ``sparsity``; one column per metric (nested metrics joined with ``.``); ``resources.*``, ``config.*``."""
-    import pandas as pd
-
-    rows = []
-    for i, r in enumerate(records):
-        row: dict[str, Any] = {}
-        if runs is not None:
-            row["run"] = runs[i]
-        for k in CORE_COLUMNS:
-            row[k] = r.get(k)
-        metrics: dict[str, Any] = {}
-        _flatten("", r.get("metrics") or {}, metrics)
-        for k, v in metrics.items():
-            row[k if k not in row and k != "run" and not k.startswith(("resources.", "config.")) else f"metrics.{k}"] = v
-        _flatten("resources.", r.get("resources") or {}, row)
-        _flatten("config.", r.get("config") or {}, row)
-        rows.append(row)
-    df = pd.DataFrame(rows)
-    for k in (("run",) if runs is not None else ()) + CORE_COLUMNS:
-        if k not in df.columns:
-            df[k] = None
-    return df
-
 
 def metric_columns(df) -> list[str]:
     """The metric columns of a results frame (everything but run/core/resources/config columns)."""

@@ -408,7 +408,7 @@ def owl_outlier_ratios(adapter: ModelAdapter, calibration: Sequence[Any] | None 
                        stacks: Sequence[str] | None = None) -> dict[str, float]:
     """OWL's layer-wise outlier ratio (Yin et al., 2024, Eq. 3): the fraction of Wanda scores
     |W_ij| * ||X_j|| in a group above ``m`` times the group's mean score, from a dense forward pass."""
-    from .prune import input_statistics, wanda_scores
+    from .stats import input_statistics, wanda_scores
 
     groups = score_groups(adapter, granularity, stacks)
     if calibration is None:

@@ -18,7 +18,7 @@ from ..errors import ModelNotAvailable, UserError
 from .base import Block, ModelAdapter, prunable_weight_names
 from .tiny import TINY_MODELS, build_tiny
 
-__all__ = ["Block", "ModelAdapter", "load_model", "prunable_weight_names", "TINY_MODELS", "known_models"]
+__all__ = ["Block", "ModelAdapter", "load_model", "load_run", "prunable_weight_names", "TINY_MODELS", "known_models"]
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -58,9 +58,7 @@ def load_model(name: str, *, device: str | torch.device = "cpu", dtype="float32"
     if name in _bundled():
         return _bundled()[name](device=device, dtype=dtype, weights=weights, **kwargs)
     if os.path.isdir(name) and (Path(name) / "pruning_config.json").exists():
-        from ..io import load_pruned
-
-        return load_pruned(name, device=device, dtype=dtype)
+        return load_run(name, device=device, dtype=dtype)
     if name.startswith("open_clip:"):
         return _load_open_clip(name, device=device, dtype=dtype, weights=weights)
     if "/" in name or os.path.isdir(name):
@@ -69,6 +67,27 @@ def load_model(name: str, *, device: str | torch.device = "cpu", dtype="float32"
         f"unknown model {name!r}: use one of {', '.join(known_models())}, a Hugging Face id such as "
         "Salesforce/blip2-flan-t5-xl, open_clip:ViT-B-16/openai, or a local folder"
     )
+
+
+def load_run(folder: str | os.PathLike, *, device: str | torch.device = "cpu", dtype=None) -> ModelAdapter:
+    """Load a run folder written by ``io.save_pruned`` (it holds ``pruning_config.json``): the same adapter,
+    with the run's weights, and ``adapter.pruning_config`` set. ``io.load_pruned`` is this function."""
+    import json
+
+    out = Path(folder)
+    cfg_path = out / "pruning_config.json"
+    if not cfg_path.is_file():
+        raise UserError(f"{out} holds no pruning_config.json: pass a folder written by prune (or save_pruned)")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{cfg_path} is not valid JSON ({e}): the run is damaged; prune again") from None
+    weights = out / ("model.safetensors" if cfg.get("family") == "clip" else "model")
+    if not weights.exists():
+        raise UserError(f"{out} has pruning_config.json but no {weights.name}: the run is incomplete; prune again")
+    adapter = load_model(cfg["model"], device=device, dtype=dtype or cfg.get("dtype", "float32"), weights=str(weights))
+    adapter.pruning_config = cfg
+    return adapter
 
 
 def _not_available(name: str, err: Exception) -> ModelNotAvailable:

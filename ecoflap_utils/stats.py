@@ -1,0 +1,99 @@
+"""Per-layer calibration statistics shared by the fine stage (Wanda, SparseGPT) and OWL's outlier ratios.
+
+A forward pass inside :func:`input_statistics` accumulates, for every named weight, what its matmul
+sees: the sum of squares of each input feature (Wanda's ||X_j||_2^2, Sun et al. 2024, Eq. 1) and, for
+SparseGPT, X^T X (Frantar & Alistarh 2023, Sec. 3). Neither stage owns these numbers: ``prune`` (fine
+stage) and ``scores.owl_outlier_ratios`` (coarse stage) both read them from here.
+"""
+from __future__ import annotations
+
+from contextlib import ExitStack, contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .capture import hooks
+from .errors import CalibrationError, UserError
+
+
+def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """Wanda's importance |W_ij| * ||X_j||_2 (Sun et al., 2024, Eq. 1), in float32."""
+    return weight.detach().float().abs() * sq_norms.float().sqrt().unsqueeze(0)
+
+
+class _Stats:
+    """Per-layer calibration statistics: sum of squares per input feature (Wanda) or X^T X (SparseGPT)."""
+
+    def __init__(self, name: str, cols: int, kind: str, device):
+        self.name, self.kind, self.tokens = name, kind, 0
+        self.sq = torch.zeros(cols, dtype=torch.float32, device=device)
+        self.H = torch.zeros(cols, cols, dtype=torch.float32, device=device) if kind == "sparsegpt" else None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        if not torch.isfinite(x).all():
+            raise CalibrationError(
+                f"non-finite activations reach {self.name} during calibration; run in float32 "
+                "(--dtype float32) or check the calibration data"
+            )
+        x = x.to(self.sq.device)
+        self.tokens += x.shape[0]
+        self.sq += (x * x).sum(0)
+        if self.H is not None:
+            self.H += x.T @ x
+
+
+def _mha_attention_input(mha: nn.MultiheadAttention, args, kwargs) -> torch.Tensor:
+    """What ``mha.out_proj`` sees: attention output before the output projection.
+
+    ``nn.MultiheadAttention`` applies ``out_proj.weight`` inside a functional call, so a hook on
+    ``out_proj`` never fires; we recompute the attention with an identity output projection.
+    """
+    names = ("query", "key", "value")
+    q, k, v = (args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names))
+    if mha.batch_first:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    eye = torch.eye(mha.embed_dim, dtype=q.dtype, device=q.device)
+    attn_mask = kwargs.get("attn_mask")
+    out, _ = F.multi_head_attention_forward(
+        q, k, v, mha.embed_dim, mha.num_heads, mha.in_proj_weight, mha.in_proj_bias, mha.bias_k, mha.bias_v,
+        mha.add_zero_attn, 0.0, eye, None, training=False, key_padding_mask=kwargs.get("key_padding_mask"),
+        need_weights=False, attn_mask=attn_mask, is_causal=kwargs.get("is_causal", False) and attn_mask is None,
+        use_separate_proj_weight=not mha._qkv_same_embed_dim, q_proj_weight=mha.q_proj_weight,
+        k_proj_weight=mha.k_proj_weight, v_proj_weight=mha.v_proj_weight)
+    return out
+
+
+def input_tap(model: nn.Module, weight_name: str) -> tuple[nn.Module, Callable]:
+    """The module to hook and a function (args, kwargs) -> the input of ``weight_name``'s matmul."""
+    owner_name, _, attr = weight_name.rpartition(".")
+    owner = model.get_submodule(owner_name)
+    if isinstance(owner, nn.MultiheadAttention):
+        pos = {"in_proj_weight": 0, "q_proj_weight": 0, "k_proj_weight": 1, "v_proj_weight": 2}[attr]
+        key = ("query", "key", "value")[pos]
+        return owner, lambda a, kw: a[pos] if len(a) > pos else kw[key]
+    parent_name, _, child = owner_name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.MultiheadAttention) and child == "out_proj":
+        return parent, lambda a, kw: _mha_attention_input(parent, a, kw)
+    if isinstance(owner, nn.Linear) and attr == "weight":
+        return owner, lambda a, kw: a[0] if a else kw["input"]
+    raise UserError(f"{weight_name} is not a weight this pruner knows how to feed (Linear or MultiheadAttention)")
+
+
+@contextmanager
+def input_statistics(model: nn.Module, names: Sequence[str], kind: str = "wanda") -> Iterator[dict[str, _Stats]]:
+    """Within the ``with``, every forward accumulates the inputs of each weight in ``names`` into its
+    :class:`_Stats` (``kind`` "wanda": squared norms per input feature; "sparsegpt": also X^T X).
+    Yields {name: _Stats}; the hooks are removed on exit, also on error."""
+    stats: dict[str, _Stats] = {}
+    with ExitStack() as es:
+        for w in names:
+            mod, get = input_tap(model, w)
+            param = model.get_parameter(w)
+            st = stats[w] = _Stats(w, param.shape[1], kind, param.device)
+            es.enter_context(hooks(mod.register_forward_pre_hook(
+                lambda m, a, kw, st=st, get=get: st.add(get(a, kw)), with_kwargs=True)))
+        yield stats
