@@ -1,8 +1,16 @@
 """Evaluation metrics for the ECoFLaP benchmarks (pure Python / numpy).
 
-* VQAv2 accuracy and answer normalisation, following the official VQA
-  evaluation script (``vqaEval.py`` of GT-Vision-Lab/VQA, also vendored by
-  LAVIS).
+* VQAv2 accuracy as the official VQA evaluation script computes it per
+  question, quirks included, in two revisions (``revision=`` of
+  :func:`vqa_score` / :func:`vqa_accuracy`):
+  ``"lavis"`` (default): GT-Vision-Lab/VQA
+  ``PythonEvaluationTools/vqaEvaluation/vqaEval.py`` at 458a8b2 (2016), as
+  vendored by Salesforce LAVIS (``lavis/common/vqa_tools/vqa_eval.py``),
+  the code that produced ECoFLaP's BLIP-2 numbers: the prediction is always
+  fully normalised, the ground truths are only punctuation-processed and
+  only when they are not all the same;
+  ``"latest"``: the same file at a013f00 (2021): either both sides are fully
+  normalised (answers differ) or neither is (all the same).
 * GQA normalised exact-match accuracy.
 * Corpus BLEU-1..4 (Papineni et al. 2002) and CIDEr-D (Vedantam et al. 2015)
   computed the way the ``pycocoevalcap`` scorers compute them.
@@ -42,100 +50,145 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------
-# VQA answer normalisation (official VQA evaluation script)
+# VQA accuracy: GT-Vision-Lab/VQA, PythonEvaluationTools/vqaEvaluation/vqaEval.py
+# (Python 2).  Line numbers below without a revision refer to its newest
+# revision a013f00 (2021-03-11, "Fixed processing answers bug").  The tables
+# and the two helpers (processPunctuation, processDigitArticle) are the same
+# in revision 458a8b2 (2016-10-08, "fixed the apostrophe symbol issue in
+# contractions dictionary", lines 20-65 / 122-147 there) and in LAVIS's
+# Python 3 port of it, lavis/common/vqa_tools/vqa_eval.py (salesforce/LAVIS
+# 506965b, lines 29-191 / 249-274); only the per-question loop differs, see
+# vqa_score.
 # ---------------------------------------------------------------------------
 
-# The official table.  NOTE: most targets use the typographic apostrophe
-# U+2019 (written here as ``Q``), a handful use the ASCII one; both are kept
-# as in the official script, as are its oddities (identity entries, the
-# reversed "somebody'd" entry, and capitalised keys that can never match
-# because answers are lower-cased first).
-_Q = "\u2019"
-_CONTRACTIONS_SPEC = [
-    # (key, value) with "Q" standing for U+2019
-    ("aint", "ain't"), ("arent", "aren't"), ("cant", "can't"),
-    ("couldve", "could've"), ("couldnt", "couldn't"),
-    ("couldn'tve", "couldnQtQve"), ("couldntQve", "couldnQtQve"),
-    ("didnt", "didnQt"), ("doesnt", "doesnQt"), ("dont", "donQt"),
-    ("hadnt", "hadnQt"), ("hadntQve", "hadnQtQve"), ("hadn'tve", "hadnQtQve"),
-    ("hasnt", "hasnQt"), ("havent", "havenQt"), ("hed", "heQd"),
-    ("hedQve", "heQdQve"), ("heQdve", "heQdQve"), ("hes", "heQs"),
-    ("howd", "howQd"), ("howll", "howQll"), ("hows", "howQs"),
-    ("IdQve", "IQdQve"), ("IQdve", "IQdQve"), ("Im", "IQm"), ("Ive", "IQve"),
-    ("isnt", "isnQt"), ("itd", "itQd"), ("itdQve", "itQdQve"),
-    ("itQdve", "itQdQve"), ("itll", "itQll"), ("letQs", "letQs"),
-    ("maam", "maQam"), ("mightnt", "mightnQt"), ("mightntQve", "mightnQtQve"),
-    ("mightnQtve", "mightnQtQve"), ("mightve", "mightQve"),
-    ("mustnt", "mustnQt"), ("mustve", "mustQve"), ("neednt", "neednQt"),
-    ("notve", "notQve"), ("oclock", "oQclock"), ("oughtnt", "oughtnQt"),
-    ("owQsQat", "QowQsQat"), ("QowsQat", "QowQsQat"), ("QowQsat", "QowQsQat"),
-    ("shant", "shanQt"), ("shedQve", "sheQdQve"), ("sheQdve", "sheQdQve"),
-    ("sheQs", "sheQs"), ("shouldve", "shouldQve"), ("shouldnt", "shouldnQt"),
-    ("shouldntQve", "shouldnQtQve"), ("shouldnQtve", "shouldnQtQve"),
-    ("somebodyQd", "somebodyd"), ("somebodydQve", "somebodyQdQve"),
-    ("somebodyQdve", "somebodyQdQve"), ("somebodyll", "somebodyQll"),
-    ("somebodys", "somebodyQs"), ("someoned", "someoneQd"),
-    ("someonedQve", "someoneQdQve"), ("someoneQdve", "someoneQdQve"),
-    ("someonell", "someoneQll"), ("someones", "someoneQs"),
-    ("somethingd", "somethingQd"), ("somethingdQve", "somethingQdQve"),
-    ("somethingQdve", "somethingQdQve"), ("somethingll", "somethingQll"),
-    ("thats", "thatQs"), ("thered", "thereQd"), ("theredQve", "thereQdQve"),
-    ("thereQdve", "thereQdQve"), ("therere", "thereQre"), ("theres", "thereQs"),
-    ("theyd", "theyQd"), ("theydQve", "theyQdQve"), ("theyQdve", "theyQdQve"),
-    ("theyll", "theyQll"), ("theyre", "theyQre"), ("theyve", "theyQve"),
-    ("twas", "Qtwas"), ("wasnt", "wasnQt"), ("wedQve", "weQdQve"),
-    ("weQdve", "weQdQve"), ("weve", "we've"), ("werent", "werenQt"),
-    ("whatll", "whatQll"), ("whatre", "whatQre"), ("whats", "whatQs"),
-    ("whatve", "whatQve"), ("whens", "whenQs"), ("whered", "whereQd"),
-    ("wheres", "where's"), ("whereve", "whereQve"), ("whod", "whoQd"),
-    ("whodQve", "whoQdQve"), ("whoQdve", "whoQdQve"), ("wholl", "whoQll"),
-    ("whos", "whoQs"), ("whove", "who've"), ("whyll", "whyQll"),
-    ("whyre", "whyQre"), ("whys", "whyQs"), ("wont", "wonQt"),
-    ("wouldve", "wouldQve"), ("wouldnt", "wouldnQt"),
-    ("wouldntQve", "wouldnQtQve"), ("wouldnQtve", "wouldnQtQve"),
-    ("yall", "yQall"), ("yallQll", "yQallQll"), ("yQallll", "yQallQll"),
-    ("yallQdQve", "yQallQdQve"), ("yQalldQve", "yQallQdQve"),
-    ("yQallQdve", "yQallQdQve"), ("youd", "youQd"), ("youdQve", "youQdQve"),
-    ("youQdve", "youQdQve"), ("youll", "youQll"), ("youre", "youQre"),
-    ("youve", "youQve"),
-]
-# "Q" never occurs as a real letter in the table above (all entries are
-# lower-case apart from the unreachable "I..." keys).
-VQA_CONTRACTIONS: Dict[str, str] = {
-    k.replace("Q", _Q): v.replace("Q", _Q) for k, v in _CONTRACTIONS_SPEC
-}
+# Contraction table, vqaEval.py lines 21-42: 120 entries, every apostrophe
+# ASCII (revision 458a8b2, 2016, replaced the earlier U+2019 ones).  Its
+# oddities are kept: identity entries ("let's", "she's"), the reversed
+# "somebody'd" -> "somebodyd", and the capitalised "I..." keys, which can
+# never match because processDigitArticle lower-cases first.  Written here as
+# whitespace-separated "key value" pairs (no key or value contains a space).
+_CONTRACTION_PAIRS = """
+aint ain't              arent aren't            cant can't
+couldve could've        couldnt couldn't        couldn'tve couldn't've
+couldnt've couldn't've  didnt didn't            doesnt doesn't
+dont don't              hadnt hadn't            hadnt've hadn't've
+hadn'tve hadn't've      hasnt hasn't            havent haven't
+hed he'd                hed've he'd've          he'dve he'd've
+hes he's                howd how'd              howll how'll
+hows how's              Id've I'd've            I'dve I'd've
+Im I'm                  Ive I've                isnt isn't
+itd it'd                itd've it'd've          it'dve it'd've
+itll it'll              let's let's             maam ma'am
+mightnt mightn't        mightnt've mightn't've  mightn'tve mightn't've
+mightve might've        mustnt mustn't          mustve must've
+neednt needn't          notve not've            oclock o'clock
+oughtnt oughtn't        ow's'at 'ow's'at        'ows'at 'ow's'at
+'ow'sat 'ow's'at        shant shan't            shed've she'd've
+she'dve she'd've        she's she's             shouldve should've
+shouldnt shouldn't      shouldnt've shouldn't've
+shouldn'tve shouldn't've                        somebody'd somebodyd
+somebodyd've somebody'd've                      somebody'dve somebody'd've
+somebodyll somebody'll  somebodys somebody's    someoned someone'd
+someoned've someone'd've                        someone'dve someone'd've
+someonell someone'll    someones someone's      somethingd something'd
+somethingd've something'd've                    something'dve something'd've
+somethingll something'll                        thats that's
+thered there'd          thered've there'd've    there'dve there'd've
+therere there're        theres there's          theyd they'd
+theyd've they'd've      they'dve they'd've      theyll they'll
+theyre they're          theyve they've          twas 'twas
+wasnt wasn't            wed've we'd've          we'dve we'd've
+weve we've              werent weren't          whatll what'll
+whatre what're          whats what's            whatve what've
+whens when's            whered where'd          wheres where's
+whereve where've        whod who'd              whod've who'd've
+who'dve who'd've        wholl who'll            whos who's
+whove who've            whyll why'll            whyre why're
+whys why's              wont won't              wouldve would've
+wouldnt wouldn't        wouldnt've wouldn't've  wouldn'tve wouldn't've
+yall y'all              yall'll y'all'll        y'allll y'all'll
+yall'd've y'all'd've    y'alld've y'all'd've    y'all'dve y'all'd've
+youd you'd              youd've you'd've        you'dve you'd've
+youll you'll            youre you're            youve you've
+""".split()
+VQA_CONTRACTIONS: Dict[str, str] = dict(
+    zip(_CONTRACTION_PAIRS[0::2], _CONTRACTION_PAIRS[1::2]))
 
+# manualMap, lines 43-55 (number words -> digits; "none" -> "0").
 VQA_NUMBER_WORDS: Dict[str, str] = {
     "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3",
     "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8",
     "nine": "9", "ten": "10",
 }
+# articles, lines 56-59.
 VQA_ARTICLES = ("a", "an", "the")
-# Period not followed by a digit.  The leading "(?!<=\d)" is a (buggy,
-# always-true) negative look-ahead in the official script; kept verbatim.
-_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
-_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)")
-VQA_PUNCT = (";", ":", "/", "'", "[", "]", '"', "(", ")", "=", "+", "\\",
-             "_", ">", "<", "@", "`", ",", "?")
+# periodStrip, line 62: a period not followed by a digit.  The leading
+# "(?!<=\d)" is a negative *look-ahead* for the text "<=" + digit (meant as a
+# look-behind), always true where a period follows; kept verbatim.
+# re.ASCII: the official script is Python 2 and compiles its patterns without
+# re.UNICODE, so there ``\d`` matches only 0-9, also on unicode input.
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)", re.ASCII)
+# commaStrip, line 63: a comma between two digits.
+_COMMA_STRIP = re.compile(r"(\d)(\,)(\d)", re.ASCII)
+# punct, lines 64-66, in the official order.  NOT in it: the apostrophe, the
+# colon and the period (periods have their own rule above).
+VQA_PUNCT = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\",
+             "_", "-", ">", "<", "@", "`", ",", "?", "!")
+# Lines 137-139 call ``self.periodStrip.sub("", outText, re.UNICODE)``: the
+# flag's value (32) lands in the positional *count* argument, so at most 32
+# periods are removed.  (LAVIS line 258: the same call, the same cap.)
+_PERIOD_STRIP_COUNT = int(re.UNICODE)
+# The same two patterns as LAVIS compiles them (vqa_eval.py lines 167-168):
+# Python 3 ``str`` patterns, so ``\d`` there matches every Unicode decimal
+# digit (e.g. U+0661), not only 0-9.  Used by the "lavis" revision only.
+_PERIOD_STRIP_PY3 = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP_PY3 = re.compile(r"(\d)(,)(\d)")
+
+#: Revisions accepted by :func:`vqa_score` / :func:`vqa_accuracy`.
+VQA_REVISIONS = ("lavis", "latest")
 
 
-def _process_punctuation(text: str) -> str:
-    out = text
-    has_digit_comma = _COMMA_STRIP.search(text) is not None
+def _strip_answer(text: str) -> str:
+    """Lines 88-90 (ground truths) and 92-94 (prediction): newline and tab
+    -> space, then strip surrounding whitespace.  (458a8b2 lines 87-89 and
+    LAVIS lines 212-214 do this to the prediction only.)"""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _process_punctuation(in_text: str, comma_strip=_COMMA_STRIP,
+                         period_strip=_PERIOD_STRIP) -> str:
+    """``processPunctuation``, vqaEval.py lines 130-140 (458a8b2: lines
+    122-132; LAVIS: lines 249-259, with ``comma_strip`` / ``period_strip``
+    compiled the Python 3 way).
+
+    For each character of :data:`VQA_PUNCT`, in order: when the *input* text
+    has it next to a space (either side), or the input text has a comma
+    between two digits anywhere, every occurrence is deleted; otherwise every
+    occurrence becomes a space (line 133: the test reads ``inText``, the
+    replacement edits ``outText``).  Then up to 32 periods not followed by a
+    digit are deleted (lines 137-139, the count quirk).
+    """
+    out = in_text
+    digit_comma = comma_strip.search(in_text) is not None
     for p in VQA_PUNCT:
-        # The test looks at the *input* text, the replacement at the output.
-        if (p + " " in text or " " + p in text) or has_digit_comma:
+        if (p + " " in in_text or " " + p in in_text) or digit_comma:
             out = out.replace(p, "")
         else:
             out = out.replace(p, " ")
-    # The official script calls ``periodStrip.sub("", outText, re.UNICODE)``,
-    # i.e. passes re.UNICODE (== 32) as *count*: at most 32 periods go.
-    return _PERIOD_STRIP.sub("", out, count=int(re.UNICODE))
+    return period_strip.sub("", out, count=_PERIOD_STRIP_COUNT)
 
 
-def _process_digit_article(text: str) -> str:
+def _process_digit_article(in_text: str) -> str:
+    """``processDigitArticle``, vqaEval.py lines 142-155 (458a8b2: lines
+    134-147; LAVIS: lines 261-274).
+
+    Lower-case, split on whitespace, map number words to digits (line 146;
+    its ``manualMap.setdefault`` also stores unknown words as themselves,
+    which changes nothing), drop articles (lines 147-150), replace whole words
+    found in the contraction table (lines 151-153), join with single spaces.
+    """
     words = []
-    for w in text.lower().split():
+    for w in in_text.lower().split():
         w = VQA_NUMBER_WORDS.get(w, w)
         if w not in VQA_ARTICLES:
             words.append(w)
@@ -143,59 +196,144 @@ def _process_digit_article(text: str) -> str:
 
 
 def normalize_vqa_answer(ans: str) -> str:
-    """Normalise a VQA answer exactly as the official VQA eval script does.
+    """Full VQA answer normalisation: what ``vqaEval.py`` does to an answer
+    in its "answers differ" branch.
 
-    newline/tab -> space, strip, ``processPunctuation``, then
-    ``processDigitArticle`` (lower-case, number words -> digits, drop
-    articles, contraction table).  Source: GT-Vision-Lab/VQA ``vqaEval.py``.
+    newline/tab -> space and strip (lines 92-94), ``processPunctuation``
+    (lines 130-140), then ``processDigitArticle`` (lines 142-155: lower-case,
+    number words -> digits, drop a/an/the, ASCII contraction table); lines
+    102-103 apply this to the prediction, lines 99-101 to every ground truth.
+
+    NOTE: :func:`vqa_score` does NOT always apply it.  ``revision="latest"``
+    skips it on both sides when all ground-truth answers of a question are
+    the same string (line 98); ``revision="lavis"`` applies it to the
+    prediction only (with Python 3 regexes), never to the ground truths.
+    Other callers (e.g. :func:`exact_match_accuracy`) use it as a plain
+    answer normaliser.
     """
     if not isinstance(ans, str):
         raise TypeError(f"answer must be a str, got {type(ans).__name__}")
-    ans = ans.replace("\n", " ").replace("\t", " ").strip()
-    return _process_digit_article(_process_punctuation(ans))
+    return _process_digit_article(_process_punctuation(_strip_answer(ans)))
 
 
-def _vqa_score_normalised(pred: str, gts: Sequence[str]) -> float:
-    n = len(gts)
-    total = 0.0
-    n_match = sum(1 for g in gts if g == pred)
-    for g in gts:
-        # matches among the other n-1 answers (leave this one out)
-        others = n_match - (1 if g == pred else 0)
-        total += min(1.0, others / 3.0)
-    return total / n
+def _check_vqa_revision(revision) -> None:
+    if revision not in VQA_REVISIONS:
+        raise ValueError(f"unknown VQA evaluation revision {revision!r}: use "
+                         f"'lavis' (GT-Vision-Lab/VQA 458a8b2, as vendored "
+                         f"by LAVIS) or 'latest' (GT-Vision-Lab/VQA a013f00)")
 
 
-def vqa_score(prediction: str, answers: Sequence[str]) -> float:
-    """VQAv2 accuracy of one prediction, in [0, 1] (official VQA eval script).
+def _leave_one_out_mean(gts: Sequence[str], res: str) -> float:
+    """Lines 105-112 (458a8b2: 97-104; LAVIS: 222-231): for each ground
+    truth i, ``min(1, #{j != i : gt_j == res} / 3)``; their mean."""
+    accs = []
+    for i in range(len(gts)):
+        matching = sum(1 for j, g in enumerate(gts) if j != i and g == res)
+        accs.append(min(1, float(matching) / 3))
+    return float(sum(accs)) / len(accs)
 
-    ``mean over i of min(1, #{j != i : answer_j == pred} / 3)`` after
-    normalising prediction and answers with :func:`normalize_vqa_answer`.
-    (The official script only punctuation-processes ground truths, relying on
-    pre-normalised annotations; normalising both is a no-op for those.)
-    With fewer than 4 answers the maximum is below 1 (one answer -> 0).
+
+def vqa_score(prediction: str, answers: Sequence[str], *,
+              revision: str = "lavis") -> float:
+    """VQA accuracy of one prediction in [0, 1]: one iteration of the
+    question loop of ``VQAEval.evaluate`` in GT-Vision-Lab/VQA
+    ``PythonEvaluationTools/vqaEvaluation/vqaEval.py``, in one of two
+    revisions.
+
+    ``revision="lavis"`` (default) -- revision 458a8b2 (2016-10-08), lines
+    85-104, as vendored (ported to Python 3) by Salesforce LAVIS in
+    ``lavis/common/vqa_tools/vqa_eval.py`` (506965b, lines 210-231; the loop
+    is unchanged since LAVIS's first commit of the file).  ECoFLaP's BLIP-2
+    numbers were computed with it.
+
+    1. the prediction: newline/tab -> space, strip, ``processPunctuation``,
+       ``processDigitArticle`` -- always (458a8b2 lines 86-91, LAVIS
+       211-216);
+    2. the ground truths are used as given (not stripped); only if they are
+       not all identical (``len(set(gtAnswers)) > 1``) each gets
+       ``processPunctuation`` -- never ``processDigitArticle`` (458a8b2
+       lines 93-96, LAVIS 218-221).  So "Two" scores 1 against ten "2" but
+       "two" scores 0 against ten "two", and "dog" scores 0 against
+       ground truths "the dog" (not lower-cased, article kept);
+    3. leave-one-out matching as below (458a8b2 lines 97-104, LAVIS 222-231).
+
+    LAVIS runs under Python 3, where its regexes (lines 167-168) treat any
+    Unicode decimal digit as ``\\d``; this revision does the same (GT-Vision-
+    Lab's Python 2 original would match 0-9 only -- irrelevant for VQAv2's
+    answers).
+
+    ``revision="latest"`` -- revision a013f00 (2021-03-11, "Fixed processing
+    answers bug"), lines 86-112:
+
+    1. ground truths and prediction: newline/tab -> space, strip (lines
+       87-94);
+    2. only if the stripped ground truths are not all identical (line 98):
+       every ground truth AND the prediction get ``processPunctuation`` then
+       ``processDigitArticle`` (lines 99-103).  If they are all identical,
+       nothing else is done to either side: the match is then exact and
+       case-sensitive ("Yes" or "two" against ten "yes" / "2" scores 0);
+    3. leave-one-out matching (lines 105-112).
+
+    Leave-one-out matching (both): for each ground truth i,
+    ``min(1, #{j != i : gt_j == pred} / 3)``; the score is their mean.  The
+    official line leaves out answers by dict inequality
+    (``item != gtAnsDatum``); the VQA annotation dicts carry distinct
+    ``answer_id`` values, so exactly the i-th answer is left out, which is
+    what this does by position.  Any number of answers is accepted: with k
+    identical answers the best score is min(1, (k-1)/3), so one answer
+    always scores 0.  The scripts report 100x this, rounded to 2 decimals
+    (a013f00 line 163, 458a8b2 line 155); no rounding here.
+
+    Raises ValueError for another ``revision``, an empty answer list;
+    TypeError for non-string inputs.
     """
+    _check_vqa_revision(revision)
     if isinstance(answers, str):
         raise TypeError("answers must be a list of strings, not a str")
     answers = list(answers)
     if len(answers) == 0:
         raise ValueError("vqa_score needs at least one ground-truth answer, "
                          "got an empty list")
-    pred = normalize_vqa_answer(prediction)
-    gts = [normalize_vqa_answer(a) for a in answers]
-    return _vqa_score_normalised(pred, gts)
+    if not isinstance(prediction, str):
+        raise TypeError(f"prediction must be a str, got {type(prediction).__name__}")
+    for a in answers:
+        if not isinstance(a, str):
+            raise TypeError(f"answers must be strings, got {type(a).__name__}")
+    if revision == "lavis":
+        res = _process_digit_article(_process_punctuation(
+            _strip_answer(prediction), _COMMA_STRIP_PY3, _PERIOD_STRIP_PY3))
+        gts = answers
+        if len(set(gts)) > 1:
+            gts = [_process_punctuation(a, _COMMA_STRIP_PY3, _PERIOD_STRIP_PY3)
+                   for a in gts]
+        return _leave_one_out_mean(gts, res)
+    gts = [_strip_answer(a) for a in answers]
+    res = _strip_answer(prediction)
+    if len(set(gts)) > 1:
+        gts = [_process_digit_article(_process_punctuation(a)) for a in gts]
+        res = _process_digit_article(_process_punctuation(res))
+    return _leave_one_out_mean(gts, res)
 
 
 def vqa_accuracy(predictions: Sequence[str],
-                 answers: Sequence[Sequence[str]]) -> float:
-    """Mean VQAv2 accuracy in percent (0..100) (official VQA eval script)."""
+                 answers: Sequence[Sequence[str]], *,
+                 revision: str = "lavis") -> float:
+    """Mean VQA accuracy in percent (0..100): ``100 * sum(scores) / n`` over
+    the per-question :func:`vqa_score` (same ``revision``: ``"lavis"``, the
+    default, or ``"latest"``), as ``setAccuracy`` computes the overall number
+    (a013f00 line 158; 458a8b2 line 150; LAVIS vqa_eval.py line 277), except
+    that the scripts then round to 2 decimals (``round(..., self.n)``, n=2);
+    no rounding here.
+    """
+    _check_vqa_revision(revision)
     if len(predictions) != len(answers):
         raise ValueError(
             f"predictions and answers differ in length: "
             f"{len(predictions)} predictions vs {len(answers)} answer lists")
     if len(predictions) == 0:
         raise ValueError("vqa_accuracy needs at least one question")
-    return 100.0 * sum(vqa_score(p, a) for p, a in zip(predictions, answers)) \
+    return 100.0 * sum(vqa_score(p, a, revision=revision)
+                       for p, a in zip(predictions, answers)) \
         / len(predictions)
 
 
