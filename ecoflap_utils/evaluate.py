@@ -9,11 +9,18 @@
 Everything is batched, runs on the model's device and dtype (read from its parameters), shows tqdm
 progress bars (quiet off a terminal), and takes ``limit`` to evaluate on the first examples only.
 Metrics come from :mod:`ecoflap_utils.metrics`; readers from :mod:`ecoflap_utils.data.formats`.
+
+Each evaluator also returns ``"intervals"``: ``{headline metric: [low, high]}``, a 95 % percentile bootstrap
+interval over the evaluated items (images, questions, queries, perplexity windows) computed from per-item
+scores of the same run (:mod:`ecoflap_utils.intervals`; 1,000 resamples, seed 0). It covers the sampling
+variation of the evaluation items only, not calibration seeds. It is left out (with a warning) when the
+per-item scores do not average to the headline number, and when there are fewer than two items.
 """
 from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -22,9 +29,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import intervals as I
 from . import metrics as M
 from .data import formats
 from .errors import UserError
+from .models.images import (_first_float_param, _image_device_dtype, _image_transform,  # noqa: F401
+                            image_batch)
 
 TASKS = ("zeroshot", "retrieval", "vqav2", "okvqa", "gqa", "caption", "perplexity")
 FAMILY_TASKS = {
@@ -48,11 +58,6 @@ DEFAULT_TEMPLATES = (
 )
 VQA_PROMPT = "Question: {} Short answer:"
 CAPTION_PROMPT = "a photo of"
-# BLIP-2's image processor normalises with OpenAI CLIP's statistics.
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
 # --------------------------------------------------------------------------- small helpers
 def _disable(progress: bool | None) -> bool | None:
     """tqdm's ``disable``: None shows bars only on a terminal; False hides them."""
@@ -64,61 +69,9 @@ def _check_positive(value: int | None, name: str) -> None:
         raise UserError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _first_float_param(module: torch.nn.Module) -> torch.nn.Parameter | None:
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p
-    return None
-
-
-def _image_device_dtype(adapter) -> tuple[torch.device, torch.dtype]:
-    """Where the image side of the model lives and which dtype its inputs need."""
-    if hasattr(adapter, "vision_dtype"):
-        return adapter.input_device(), adapter.vision_dtype()
-    model = adapter.model
-    p = _first_float_param(getattr(model, "visual", model))
-    p = p if p is not None else _first_float_param(model)
-    if p is None:
-        return torch.device("cpu"), torch.float32
-    return p.device, p.dtype
-
-
 def _text_device(adapter) -> torch.device:
     p = _first_float_param(adapter.model)
     return p.device if p is not None else torch.device("cpu")
-
-
-def _image_transform(adapter):
-    """PIL -> tensor: the adapter's ``preprocess``, its HF ``image_processor``, or BLIP-2's transform."""
-    pre = getattr(adapter, "preprocess", None)
-    if pre is not None:
-        return pre
-    proc = getattr(adapter, "image_processor", None)
-    if proc is not None:
-        return lambda im: proc(images=im, return_tensors="pt")["pixel_values"][0]
-    cfg = getattr(getattr(adapter.model, "config", None), "vision_config", None)
-    if cfg is None:
-        raise UserError(f"{adapter.name} has no image transform (adapter.preprocess): pass preprocessed tensors")
-    from torchvision import transforms as T
-
-    size = cfg.image_size if isinstance(cfg.image_size, int) else cfg.image_size[0]
-    return T.Compose([T.Lambda(lambda im: im.convert("RGB")),
-                      T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
-                      T.ToTensor(), T.Normalize(_CLIP_MEAN, _CLIP_STD)])
-
-
-def image_batch(adapter, images: Sequence[Any]) -> torch.Tensor:
-    """Stack images (paths, PIL images or preprocessed tensors) on the model's image device and dtype."""
-    transform = None
-    out = []
-    for im in images:
-        im = formats.load_image(im)
-        if not isinstance(im, torch.Tensor):
-            transform = transform or _image_transform(adapter)
-            im = transform(im)
-        out.append(im)
-    device, dtype = _image_device_dtype(adapter)
-    return torch.stack(out).to(device=device, dtype=dtype)
 
 
 def _chunks(seq: Sequence[Any], size: int):
@@ -164,6 +117,25 @@ def _fill(template: str, name: str) -> str:
     return template.format(c=name) if "{c}" in template else template.format(name)
 
 
+def _consistent(items: np.ndarray, headline: float, metric: str, statistic: float | None = None) -> bool:
+    """Whether per-item scores reproduce the headline (their mean, or ``statistic`` computed from them)."""
+    got = float(np.mean(items)) if statistic is None else float(statistic)
+    if abs(got - float(headline)) <= 1e-6 * max(1.0, abs(float(headline))):
+        return True
+    warnings.warn(f"no interval for {metric}: the per-item scores give {got!r}, the headline is {headline!r}",
+                  RuntimeWarning, stacklevel=3)
+    return False
+
+
+def item_interval(items: Sequence[float], headline: float, metric: str) -> dict[str, list[float]]:
+    """``{metric: [low, high]}``: bootstrap interval of the mean of per-item scores (``intervals.bootstrap_ci``),
+    or ``{}`` when there are fewer than ``intervals.MIN_ITEMS`` items or their mean is not ``headline``."""
+    arr = np.asarray(items, dtype=np.float64)
+    if arr.size < I.MIN_ITEMS or not _consistent(arr, headline, metric):
+        return {}
+    return {metric: list(I.bootstrap_ci(arr))}
+
+
 # --------------------------------------------------------------------------- zero-shot classification
 def classifier_weights(adapter, classnames: Sequence[str], templates: Sequence[str], *,
                        progress: bool | None = None) -> torch.Tensor:
@@ -189,7 +161,8 @@ def zeroshot_classification(adapter, dataset: Any, *, classnames: Sequence[str] 
     ``dataset`` is an ImageFolder directory, a CSV of ``path,label``, a list of ``(image, label)`` or a
     :class:`~ecoflap_utils.data.formats.ClassificationSet`. ``limit`` keeps that many evenly spaced
     examples (a class-sorted folder would otherwise give one class). Returns ``acc1``, ``acc5``,
-    ``mean_per_class_recall`` (percent), ``n`` and ``clip_benchmark`` (CLIP_benchmark's result JSON).
+    ``mean_per_class_recall`` (percent), ``n``, ``intervals`` (of ``acc1``, over images) and
+    ``clip_benchmark`` (CLIP_benchmark's result JSON).
     """
     _check_positive(batch_size, "batch_size")
     _check_positive(limit, "limit")
@@ -209,6 +182,9 @@ def zeroshot_classification(adapter, dataset: Any, *, classnames: Sequence[str] 
     top = M.topk_accuracy(logits, labels, ks=(1, 5))
     out = {"acc1": top["top1"], "acc5": top["top5"],
            "mean_per_class_recall": M.mean_per_class_recall(logits, labels), "n": len(idx)}
+    # per image: 100 if the label has the highest logit (argmax breaks ties towards the lower class, as top-k)
+    correct = 100.0 * (logits.argmax(axis=1) == labels)
+    out["intervals"] = item_interval(correct, out["acc1"], "acc1")
     out["clip_benchmark"] = {
         "dataset": dataset_name or ds.name, "model": adapter.name, "task": "zeroshot_classification",
         "metrics": {k: out[k] / 100.0 for k in ("acc1", "acc5", "mean_per_class_recall")},
@@ -223,7 +199,8 @@ def retrieval(adapter, dataset: Any, *, batch_size: int = 64, limit: int | None 
 
     ``dataset``: a Karpathy-style COCO/Flickr30k JSON (several captions per image), a list of
     ``{"image", "captions"}`` or a :class:`~ecoflap_utils.data.formats.RetrievalSet`; ``limit`` keeps
-    the first images with all their captions. Similarity is the cosine of CLIP embeddings.
+    the first images with all their captions. Similarity is the cosine of CLIP embeddings. ``intervals``
+    holds the interval of ``mean_recall`` (:func:`retrieval_interval`).
     """
     _check_positive(batch_size, "batch_size")
     _check_positive(limit, "limit")
@@ -238,7 +215,56 @@ def retrieval(adapter, dataset: Any, *, batch_size: int = 64, limit: int | None 
     sim = (img @ txt.T).numpy()
     out: dict[str, Any] = M.retrieval_recall(sim, ds.txt2img, ds.img2txt, ks=(1, 5, 10))
     out.update(n_images=len(ds.images), n_texts=len(ds.texts))
+    out["intervals"] = retrieval_interval(sim, ds.txt2img, ds.img2txt, out["mean_recall"], ks=(1, 5, 10))
     return out
+
+
+def retrieval_item_recalls(sim: np.ndarray, txt2img: Sequence[int], img2txt: Sequence[Sequence[int]],
+                           ks: Sequence[int] = (1, 5, 10)) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the mean over ``ks`` of 100 x [a correct item ranks in the top k]: one value per image
+    (image->text) and one per text (text->image). Ranks as ``metrics.retrieval_recall`` (ties to the lower index)."""
+    sim = np.asarray(sim, dtype=np.float64)
+    n_img, n_txt = sim.shape
+    ks_arr = np.asarray(ks)[None, :]
+    cols = np.arange(n_txt)[None, :]
+    i2t_rank = np.empty(n_img, dtype=np.int64)
+    for i in range(n_img):
+        gt = np.asarray(list(img2txt[i]), dtype=np.int64)
+        row, s = sim[i][None, :], sim[i, gt][:, None]
+        i2t_rank[i] = ((row > s).sum(axis=1) + ((row == s) & (cols < gt[:, None])).sum(axis=1)).min()
+    gt_img = np.asarray(list(txt2img), dtype=np.int64)
+    t2i_rank = np.empty(n_txt, dtype=np.int64)
+    rows = np.arange(n_img)[:, None]
+    step = max(1, (1 << 22) // max(1, n_img))
+    for lo in range(0, n_txt, step):
+        block, g = sim[:, lo : lo + step], gt_img[lo : lo + step]
+        s = block[g, np.arange(block.shape[1])][None, :]
+        t2i_rank[lo : lo + step] = (block > s).sum(axis=0) + ((block == s) & (rows < g[None, :])).sum(axis=0)
+    return 100.0 * (i2t_rank[:, None] < ks_arr).mean(axis=1), 100.0 * (t2i_rank[:, None] < ks_arr).mean(axis=1)
+
+
+def retrieval_interval(sim: np.ndarray, txt2img: Sequence[int], img2txt: Sequence[Sequence[int]], headline: float,
+                       ks: Sequence[int] = (1, 5, 10)) -> dict[str, list[float]]:
+    """``{"mean_recall": [low, high]}``. The unit resampled is an image with its captions (they share the
+    image); the gallery is held fixed (ranks are not recomputed on a resample). On each resample
+    mean_recall = (mean image->text recall + mean text->image recall over the resampled captions) / 2."""
+    i2t, t2i = retrieval_item_recalls(sim, txt2img, img2txt, ks)
+    n_img = len(i2t)
+    owner = np.asarray(list(txt2img), dtype=np.int64)
+    t2i_sum = np.bincount(owner, weights=t2i, minlength=n_img)
+    t2i_count = np.bincount(owner, minlength=n_img).astype(np.float64)
+    if n_img < I.MIN_ITEMS or t2i_count.sum() == 0:
+        return {}
+    point = (i2t.mean() + t2i_sum.sum() / t2i_count.sum()) / 2.0
+    if not _consistent(i2t, headline, "mean_recall", statistic=point):
+        return {}
+
+    def stat(idx: np.ndarray) -> np.ndarray:
+        count = t2i_count[idx].sum(axis=1)
+        t2i_mean = np.divide(t2i_sum[idx].sum(axis=1), count, out=np.zeros(len(idx)), where=count > 0)
+        return (i2t[idx].mean(axis=1) + t2i_mean) / 2.0
+
+    return {"mean_recall": list(I.resample_ci(n_img, stat))}
 
 
 # --------------------------------------------------------------------------- BLIP-2 generation
@@ -322,6 +348,17 @@ def score_vqa(predictions: Sequence[str], answers: Sequence[Any], *, metric: str
     raise UserError(f"unknown VQA metric {metric!r}: use 'vqa' or 'exact_match'")
 
 
+def vqa_item_scores(predictions: Sequence[str], answers: Sequence[Any], *, metric: str = "vqa") -> np.ndarray:
+    """Per question, in percent: 100 x ``metrics.vqa_score`` (``metric="vqa"``) or 100 x exact match after
+    ``metrics.normalize_vqa_answer`` (``"exact_match"``, GQA); their mean is :func:`score_vqa`."""
+    if metric == "vqa":
+        return np.array([100.0 * M.vqa_score(p, list(a)) for p, a in zip(predictions, answers)], dtype=np.float64)
+    if metric == "exact_match":
+        return np.array([100.0 * (M.normalize_vqa_answer(p) == M.normalize_vqa_answer(str(a)))
+                         for p, a in zip(predictions, answers)], dtype=np.float64)
+    raise UserError(f"unknown VQA metric {metric!r}: use 'vqa' or 'exact_match'")
+
+
 def vqa(adapter, questions: Sequence[Mapping[str, Any]], *, prompt: str = VQA_PROMPT, max_new_tokens: int = 10,
         min_new_tokens: int = 1, num_beams: int = 5, length_penalty: float = -1.0, batch_size: int = 16,
         limit: int | None = None, metric: str | None = None, progress: bool | None = None) -> dict[str, Any]:
@@ -330,7 +367,8 @@ def vqa(adapter, questions: Sequence[Mapping[str, Any]], *, prompt: str = VQA_PR
 
     ``questions``: rows ``{"image", "question", "answers": [...]}`` (VQAv2/OK-VQA, scored with the VQA
     soft accuracy) or ``{"image", "question", "answer": str}`` (GQA, exact match). Returns
-    ``vqa_accuracy`` (percent), ``n`` and the ``predictions``.
+    ``vqa_accuracy`` (percent), ``n``, ``intervals`` (of ``vqa_accuracy``, over questions) and the
+    ``predictions``.
     """
     _check_positive(limit, "limit")
     if "{}" not in prompt:
@@ -348,8 +386,10 @@ def vqa(adapter, questions: Sequence[Mapping[str, Any]], *, prompt: str = VQA_PR
     preds = generate_answers(adapter, [r["image"] for r in rows], [prompt.format(r["question"]) for r in rows],
                              max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
                              length_penalty=length_penalty, batch_size=batch_size, progress=progress)
-    acc = score_vqa(preds, [r[key] for r in rows], metric=metric)
+    refs = [r[key] for r in rows]
+    acc = score_vqa(preds, refs, metric=metric)
     return {"vqa_accuracy": acc, "n": len(rows),
+            "intervals": item_interval(vqa_item_scores(preds, refs, metric=metric), acc, "vqa_accuracy"),
             "predictions": [{"question_id": r.get("question_id", i), "question": r["question"], "prediction": p,
                              key: r[key]} for i, (r, p) in enumerate(zip(rows, preds))]}
 
@@ -365,9 +405,20 @@ def score_captions(predictions: Sequence[str], references: Sequence[Sequence[str
     for i, refs in enumerate(references):
         if isinstance(refs, str) or len(refs) == 0:
             raise UserError(f"references[{i}] must be a non-empty list of captions")
-    cands = [M.simple_tokenize(p) for p in predictions]
-    refs = [[M.simple_tokenize(r) for r in rs] for rs in references]
+    cands, refs = _tokenized(predictions, references)
     return {"cider": 100.0 * M.cider_d(cands, refs), "bleu4": 100.0 * M.bleu(cands, refs, n=4)[3]}
+
+
+def _tokenized(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[list, list]:
+    return [M.simple_tokenize(p) for p in predictions], [[M.simple_tokenize(r) for r in rs] for rs in references]
+
+
+def caption_item_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> np.ndarray:
+    """Per image CIDEr-D x100 (``metrics.cider_d_per_image``, document frequencies over the whole set);
+    corpus CIDEr-D is their mean. The item scores behind the ``cider`` interval (the image is the unit;
+    the idf weights stay those of the whole set on every resample)."""
+    cands, refs = _tokenized(predictions, references)
+    return 100.0 * np.asarray(M.cider_d_per_image(cands, refs), dtype=np.float64)
 
 
 def caption(adapter, dataset: Any, *, prompt: str | None = None, max_new_tokens: int = 30, min_new_tokens: int = 8,
@@ -380,7 +431,7 @@ def caption(adapter, dataset: Any, *, prompt: str | None = None, max_new_tokens:
     ``""`` means no prompt.
 
     ``dataset``: a COCO captions / NoCaps JSON, a Karpathy-style JSON, or rows ``{"image", "references"}``.
-    Returns ``cider``, ``bleu4`` (x100), ``n`` and the ``predictions``.
+    Returns ``cider``, ``bleu4`` (x100), ``n``, ``intervals`` (of ``cider``, over images) and the ``predictions``.
     """
     _check_positive(limit, "limit")
     if isinstance(dataset, (str, os.PathLike)):
@@ -394,8 +445,10 @@ def caption(adapter, dataset: Any, *, prompt: str | None = None, max_new_tokens:
     preds = generate_answers(adapter, [r["image"] for r in rows], prompts, max_new_tokens=max_new_tokens,
                              min_new_tokens=min_new_tokens, num_beams=num_beams, batch_size=batch_size,
                              progress=progress)
-    out: dict[str, Any] = score_captions(preds, [r["references"] for r in rows])
+    refs = [r["references"] for r in rows]
+    out: dict[str, Any] = score_captions(preds, refs)
     out["n"] = len(rows)
+    out["intervals"] = item_interval(caption_item_scores(preds, refs), out["cider"], "cider")
     out["predictions"] = [{"image_id": r.get("image_id", i), "caption": p} for i, (r, p) in enumerate(zip(rows, preds))]
     return out
 
@@ -428,7 +481,9 @@ def perplexity_windows(n_tokens: int, window: int, stride: int) -> list[tuple[in
 
 def perplexity_stats(adapter, text: str, *, window: int = 512, stride: int | None = None, limit: int | None = None,
                      batch_size: int = 1, progress: bool | None = None) -> dict[str, Any]:
-    """Total NLL, scored tokens and windows behind :func:`perplexity` (same arguments)."""
+    """Total NLL, scored tokens and windows behind :func:`perplexity` (same arguments), the per-window
+    ``window_nll`` / ``window_tokens``, and ``intervals``: ``{"perplexity": [low, high]}``, a bootstrap with
+    windows resampled as units (``intervals.perplexity_ci``; none with a single window)."""
     _check_positive(window, "window")
     _check_positive(batch_size, "batch_size")
     _check_positive(limit, "limit")
@@ -450,7 +505,8 @@ def perplexity_stats(adapter, text: str, *, window: int = 512, stride: int | Non
                         "use a smaller --window or a longer text")
     spans = spans[:limit] if limit is not None else spans
     device = adapter.input_device()
-    total_nll, total_tokens = 0.0, 0
+    window_nll: list[float] = []
+    window_tokens: list[int] = []
     with torch.inference_mode():
         for chunk in tqdm(list(_chunks(spans, batch_size)), desc="perplexity", disable=_disable(progress),
                           leave=False):
@@ -460,11 +516,15 @@ def perplexity_stats(adapter, text: str, *, window: int = 512, stride: int | Non
                 target[row, : window - 1 - n_scored] = -100  # context tokens, already scored in an earlier window
             logits = adapter.model(input_ids=inp, use_cache=False).logits[:, :-1]
             nll = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                  ignore_index=-100, reduction="sum")
-            total_nll += float(nll)
-            total_tokens += int((target != -100).sum())
+                                  ignore_index=-100, reduction="none").reshape(target.shape)
+            window_nll += nll.double().sum(dim=1).tolist()
+            window_tokens += (target != -100).sum(dim=1).tolist()
+    total_nll, total_tokens = float(np.sum(window_nll)), int(np.sum(window_tokens))
+    intervals = ({"perplexity": list(I.perplexity_ci(window_nll, window_tokens))}
+                 if len(spans) >= I.MIN_ITEMS else {})
     return {"nll": total_nll, "tokens": total_tokens, "windows": len(spans), "window": window, "stride": stride,
-            "perplexity": math.exp(total_nll / total_tokens)}
+            "perplexity": math.exp(total_nll / total_tokens), "window_nll": window_nll,
+            "window_tokens": window_tokens, "intervals": intervals}
 
 
 def perplexity(adapter, text: str, *, window: int = 512, stride: int | None = None, limit: int | None = None,
@@ -561,7 +621,8 @@ def evaluate(adapter, task: str | None = None, data: Any = None, *, limit: int |
     ``data`` is a path in the task's standard format (data/BENCHMARKS.md), an in-memory set, or None
     for the model's bundled held-out set (``adapter.bundled_eval_data(task)``). ``classnames`` and
     ``templates`` are lists or files (one per line). ``window`` defaults to min(512, model context).
-    Returns the task's metrics (plus ``predictions`` / ``clip_benchmark`` where there are some).
+    Returns the task's metrics, ``intervals`` (``{headline metric: [low, high]}``, 95 % bootstrap over the
+    evaluated items; see the module docstring) and ``predictions`` / ``clip_benchmark`` where there are some.
     """
     task = resolve_task(adapter, task)
     _check_positive(limit, "limit")
@@ -611,7 +672,7 @@ def evaluate(adapter, task: str | None = None, data: Any = None, *, limit: int |
     stats = perplexity_stats(adapter, text, window=window or min(512, ctx or 512), stride=stride, limit=limit,
                              batch_size=batch_size or 1, progress=progress)
     return {"perplexity": stats["perplexity"], "tokens": stats["tokens"], "windows": stats["windows"],
-            "window": stats["window"], "stride": stats["stride"]}
+            "window": stats["window"], "stride": stats["stride"], "intervals": stats["intervals"]}
 
 
 # --------------------------------------------------------------------------- results
@@ -620,19 +681,46 @@ def _is_number(v: Any) -> bool:
 
 
 def split_metrics(result: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
-    """(numbers, everything else) of a task result: metrics go to results.json, the rest to side files."""
+    """(numbers, everything else) of a task result: metrics go to results.json's ``metrics``, the rest
+    (``intervals``, ``predictions``, ...) to its own key or a side file."""
     nums = {k: (float(v) if isinstance(v, (float, np.floating)) else int(v))
             for k, v in result.items() if _is_number(v)}
     return nums, {k: v for k, v in result.items() if k not in nums}
 
 
+def clean_intervals(intervals: Mapping[str, Any] | None, metrics: Mapping[str, Any] | None = None
+                    ) -> dict[str, list[float]]:
+    """``{metric: [low, high]}`` as plain floats, keeping only well-formed pairs (and, given ``metrics``,
+    only the metrics found there)."""
+    out: dict[str, list[float]] = {}
+    for k, v in (intervals or {}).items():
+        try:
+            lo, hi = (float(x) for x in v)
+        except (TypeError, ValueError):
+            continue
+        if (metrics is None or k in metrics) and not (math.isnan(lo) or math.isnan(hi)):
+            out[str(k)] = [min(lo, hi), max(lo, hi)]
+    return out
+
+
 def results_record(model: str, method: str | None, sparsity: float | None, task: str, metrics: Mapping[str, Any],
-                   resources: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None) -> dict:
+                   resources: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None, *,
+                   intervals: Mapping[str, Any] | None = None) -> dict:
     """One result in the project schema: ``{"model", "method", "sparsity", "task", "metrics", "resources",
-    "config"}``; only numeric metrics are kept (``acc1``, ``vqa_accuracy``, ``cider``, ``perplexity``...)."""
-    nums, _ = split_metrics(metrics)
-    return {"model": str(model), "method": method, "sparsity": None if sparsity is None else float(sparsity),
-            "task": task, "metrics": nums, "resources": dict(resources or {}), "config": dict(config or {})}
+    "config"}``; only numeric metrics are kept (``acc1``, ``vqa_accuracy``, ``cider``, ``perplexity``...).
+
+    With intervals (``intervals=``, or the ``"intervals"`` of an evaluator's result passed as ``metrics``)
+    the record also holds ``"intervals": {metric: [low, high]}``; without any, it has no such key."""
+    nums, extras = split_metrics(metrics)
+    if intervals is None and isinstance(extras.get(I.KEY), Mapping):
+        intervals = extras[I.KEY]
+    rec: dict[str, Any] = {"model": str(model), "method": method,
+                           "sparsity": None if sparsity is None else float(sparsity), "task": task, "metrics": nums}
+    iv = clean_intervals(intervals, nums)
+    if iv:
+        rec[I.KEY] = iv
+    rec.update(resources=dict(resources or {}), config=dict(config or {}))
+    return rec
 
 
 def run_evaluate(*, model: str, task: str | None = None, data: str | None = None, out: str | os.PathLike,
@@ -680,7 +768,8 @@ def run_evaluate(*, model: str, task: str | None = None, data: str | None = None
                       actual_sparsity=pcfg.get("actual_sparsity"), nm=pcfg.get("nm"))
     sparsity = pcfg.get("requested_sparsity", pcfg.get("target_sparsity")) if pcfg else 0.0
     record = results_record(pcfg.get("model", adapter.name), pcfg.get("method", "dense") if pcfg else "dense",
-                            sparsity, task, nums, resources=res.as_dict(), config=config)
+                            sparsity, task, nums, resources=res.as_dict(), config=config,
+                            intervals=extras.get(I.KEY))
     with atomic_dir(out, overwrite) as tmp:
         write_json_atomic(tmp / "results.json", record)
         if "predictions" in extras:

@@ -11,14 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
+from ecoflap_utils import intervals as I
 from ecoflap_utils import metrics as M
 from ecoflap_utils.cli_evaluate import add_evaluate_parser
 from ecoflap_utils.data import formats
 from ecoflap_utils.errors import UserError
 from ecoflap_utils.evaluate import (DEFAULT_TEMPLATES, caption, classifier_weights, encode_images, evaluate,
-                                    generate_answers, perplexity,
-                                    perplexity_file, results_record, retrieval, run_evaluate, score_captions,
-                                    score_vqa, vqa, zeroshot_classification)
+                                    generate_answers, perplexity, perplexity_file, perplexity_stats,
+                                    results_record, retrieval, run_evaluate, score_captions, score_vqa, vqa,
+                                    zeroshot_classification)
 from ecoflap_utils.models import load_model
 
 CLASSES = ["red_apple", "green", "blue", "yellow", "black", "white"]
@@ -113,6 +114,10 @@ def test_zeroshot_on_imagefolder_equals_direct_computation(clip, image_folder):
     weights, feats = _direct_zeroshot(clip, paths, labels, names, templates, return_parts=True)
     assert torch.allclose(classifier_weights(clip, names, templates), weights, atol=1e-6)
     assert torch.allclose(encode_images(clip, paths, batch_size=5), feats, atol=1e-6)
+    # the acc1 interval: a bootstrap over the images' 0/100 top-1 outcomes
+    correct = 100.0 * (np.argsort(-(feats @ weights.T).numpy(), axis=1, kind="stable")[:, 0] == np.asarray(labels))
+    assert res["intervals"]["acc1"] == pytest.approx(list(I.bootstrap_ci(correct)))
+    assert res["intervals"]["acc1"][0] <= res["acc1"] <= res["intervals"]["acc1"][1]
     cb = res["clip_benchmark"]
     assert cb["task"] == "zeroshot_classification" and cb["model"] == "tiny-clip"
     assert cb["dataset"] == image_folder.name
@@ -176,14 +181,19 @@ def test_retrieval_recall_equals_direct_computation(clip, tmp_path):
         assert res[f"t2i_R@{k}"] == pytest.approx(t2i_r)
     assert res["n_images"] == 4 and res["n_texts"] == 9  # the train image is left out
     assert res["i2t_R@1"] < 100 or res["t2i_R@1"] < 100  # a random model is not perfect
+    lo, hi = res["intervals"]["mean_recall"]  # images resampled with their captions (tests/test_intervals.py)
+    assert lo <= res["mean_recall"] <= hi
+    nums = lambda r: {k: v for k, v in r.items() if k != "intervals"}
     # the BLIP/LAVIS list layout of the same split gives the same numbers; limit keeps the first images
     lavis = tmp_path / "coco_karpathy_test.json"
     lavis.write_text(json.dumps([{"image": f"val2014/im{i}.png", "caption": [caps[j] for j in per[i]]}
                                  for i in range(4)]))
-    assert retrieval(clip, lavis) == pytest.approx(res)
+    again = retrieval(clip, lavis)
+    assert nums(again) == pytest.approx(nums(res))
+    assert again["intervals"]["mean_recall"] == pytest.approx(res["intervals"]["mean_recall"])
     as_dict = {"images": [tmp_path / "val2014" / f"im{i}.png" for i in range(4)], "texts": caps, "txt2img": t2i,
                "img2txt": per}
-    assert retrieval(clip, as_dict) == pytest.approx(res)  # the bundled in-memory form
+    assert nums(retrieval(clip, as_dict)) == pytest.approx(nums(res))  # the bundled in-memory form
     small = retrieval(clip, path, limit=2)
     assert small["n_images"] == 2 and small["n_texts"] == 4
 
@@ -203,6 +213,15 @@ def test_perplexity_non_overlapping_equals_exp_mean_loss(llama):
     assert perplexity(llama, TEXT, window=32) == pytest.approx(expected, rel=1e-5)
     assert perplexity(llama, TEXT, window=32, batch_size=3) == pytest.approx(expected, rel=1e-5)
     assert perplexity(llama, TEXT, window=32, limit=2) == pytest.approx(math.exp(np.mean(losses[:2])), rel=1e-5)
+    # per-window NLL and tokens; the interval resamples whole windows
+    stats = perplexity_stats(llama, TEXT, window=32, batch_size=3)
+    assert stats["window_tokens"] == [31] * len(wins)
+    assert stats["window_nll"] == pytest.approx([31 * x for x in losses], rel=1e-5)
+    assert stats["nll"] == pytest.approx(sum(stats["window_nll"]))
+    lo, hi = stats["intervals"]["perplexity"]
+    assert lo < expected < hi
+    assert [lo, hi] == pytest.approx(list(I.perplexity_ci([31 * x for x in losses], [31] * len(wins))), rel=1e-4)
+    assert perplexity_stats(llama, TEXT, window=32, limit=1)["intervals"] == {}  # one window: no interval
 
 
 def test_perplexity_sliding_stride_scores_only_new_tokens(llama, tmp_path):
@@ -257,14 +276,17 @@ def test_vqa_end_to_end_on_vqav2_files(name, blip_opt, blip_t5, tmp_path):
     # rewrite the annotations so that the expected accuracy is known: question 0's ten answers are the
     # model's own prediction (score 1), question 1 has it 2 times out of 10 (score 0.6), the rest never
     ann = json.loads((root / "v2_mscoco_val2014_annotations.json").read_text())
-    ann["annotations"][0]["answers"] = [{"answer": preds[0]}] * 10
-    ann["annotations"][1]["answers"] = [{"answer": preds[1]}] * 2 + [{"answer": "zq never"}] * 8
+    # the LAVIS revision of the VQA script normalises the prediction but not the ground truths
+    own = [M.normalize_vqa_answer(p) for p in preds[:2]]
+    ann["annotations"][0]["answers"] = [{"answer": own[0]}] * 10
+    ann["annotations"][1]["answers"] = [{"answer": own[1]}] * 2 + [{"answer": "zq never"}] * 8
     (root / "v2_mscoco_val2014_annotations.json").write_text(json.dumps(ann))
     assert all(M.normalize_vqa_answer(p) != "zq never" for p in preds)
     res = evaluate(adapter, "vqav2", str(root), max_new_tokens=4, num_beams=3, batch_size=3)
     assert [p["prediction"] for p in res["predictions"]] == preds
     assert res["n"] == 4
     assert res["vqa_accuracy"] == pytest.approx(100 * (1 + 0.6) / 4)
+    assert res["intervals"]["vqa_accuracy"] == pytest.approx(list(I.bootstrap_ci([100.0, 60.0, 0.0, 0.0])))
     lim = evaluate(adapter, "okvqa", root, limit=1, max_new_tokens=4, num_beams=1)
     assert lim["n"] == 1 and 0 <= lim["vqa_accuracy"] <= 100 and math.isfinite(lim["vqa_accuracy"])
 
@@ -301,6 +323,7 @@ def test_gqa_exact_match_and_bundled_vqa_rows(blip_opt, tmp_path):
     (tmp_path / "testdev_balanced_questions.json").write_text(json.dumps(q))
     res = evaluate(blip_opt, "gqa", tmp_path / "testdev_balanced_questions.json", max_new_tokens=4)
     assert res["vqa_accuracy"] == pytest.approx(100 / 3)
+    assert res["intervals"]["vqa_accuracy"] == pytest.approx(list(I.bootstrap_ci([0.0, 100.0, 0.0])))
     # in-memory rows (the bundled form): PIL images, answers lists
     mem = [{"image": Image.open(r["image"]), "question": r["question"], "answers": [p] * 10}
            for r, p in zip(rows, preds)]
@@ -326,6 +349,9 @@ def test_caption_on_coco_json_scores_the_generated_captions(blip_opt, tmp_path):
     cands = [M.simple_tokenize(p) for p in preds]
     toks = [[M.simple_tokenize(r) for r in rs] for rs in refs]
     assert res["cider"] == pytest.approx(100 * M.cider_d(cands, toks))
+    per_image = 100 * np.asarray(M.cider_d_per_image(cands, toks))
+    assert per_image.mean() == pytest.approx(res["cider"])  # corpus CIDEr-D is the mean over images
+    assert res["intervals"]["cider"] == pytest.approx(list(I.bootstrap_ci(per_image)))
     assert res["bleu4"] == pytest.approx(100 * M.bleu(cands, toks)[3])
     assert all(math.isfinite(res[k]) and res[k] >= 0 for k in ("cider", "bleu4"))
 
@@ -446,7 +472,9 @@ def test_cli_writes_results_json_for_dense_and_pruned_models(tmp_path, image_fol
                               "--window", "32", "--out", str(out), "--no-progress"])
     assert args.func(args) == 0
     rec = json.loads((out / "results.json").read_text())
-    assert set(rec) == {"model", "method", "sparsity", "task", "metrics", "resources", "config"}
+    assert set(rec) == {"model", "method", "sparsity", "task", "metrics", "intervals", "resources", "config"}
+    assert set(rec["intervals"]) == {"perplexity"}
+    assert rec["intervals"]["perplexity"][0] < rec["metrics"]["perplexity"] < rec["intervals"]["perplexity"][1]
     assert rec["model"] == "tiny-llama" and rec["method"] == "dense" and rec["sparsity"] == 0.0
     assert rec["task"] == "perplexity"
     assert rec["metrics"]["perplexity"] == pytest.approx(perplexity(load_model("tiny-llama"), TEXT, window=32))
@@ -469,6 +497,7 @@ def test_cli_writes_results_json_for_dense_and_pruned_models(tmp_path, image_fol
     direct = zeroshot_classification(load_model(str(tmp_path / "run")), image_folder, classnames=sorted(CLASSES),
                                      limit=6)
     assert rec["metrics"]["acc1"] == pytest.approx(direct["acc1"])
+    assert rec["intervals"] == {"acc1": pytest.approx(direct["intervals"]["acc1"])}
     assert json.loads((out2 / "clip_benchmark.json").read_text())["task"] == "zeroshot_classification"
     assert "wrote" in capsys.readouterr().out
 

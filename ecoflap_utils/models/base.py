@@ -132,6 +132,12 @@ class ModelAdapter:
     def loss(self, batch: dict[str, Any]) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def low_memory_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The calibration loss, computed so that its backward pass holds little beyond the blocks'
+        inputs (used by low-memory first-order scores). The same value as :meth:`loss`; adapters whose
+        loss head is large (causal LMs: the vocabulary logits) override it."""
+        return self.loss(batch)
+
     def input_device(self) -> torch.device:
         try:
             return next(self.model.parameters()).device
@@ -170,3 +176,24 @@ def module_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def chunked_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, *, chunk_tokens: int = 512) -> torch.Tensor:
+    """Next-token cross-entropy of a Hugging Face causal LM, the value of ``model(input_ids, labels=input_ids).loss``,
+    with the output head and the loss run on ``chunk_tokens`` tokens at a time under activation checkpointing:
+    the full (tokens x vocabulary) logits never exist at once, in the forward or the backward pass."""
+    from torch.nn import functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    head = model.get_output_embeddings()
+    hidden = model.base_model(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]
+    h = hidden.reshape(-1, hidden.shape[-1])
+    y = input_ids[:, 1:].reshape(-1)
+
+    def part(hh, yy):
+        return F.cross_entropy(head(hh).float(), yy, reduction="sum")
+
+    total = sum(checkpoint(part, h[i:i + chunk_tokens], y[i:i + chunk_tokens], use_reentrant=False)
+                for i in range(0, h.shape[0], chunk_tokens))
+    return total / h.shape[0]
+

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .base import Block, ModelAdapter, prunable_weight_names
+from .base import Block, ModelAdapter, chunked_causal_lm_loss, prunable_weight_names
 
 
 def _find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
@@ -67,6 +67,14 @@ class CausalLMAdapter(ModelAdapter):
 
     def loss(self, batch):
         return self.model(input_ids=batch["input_ids"], labels=batch["input_ids"], use_cache=False).loss
+
+    def low_memory_loss(self, batch):
+        """The same next-token loss with the vocabulary head run in checkpointed chunks of tokens
+        (``base.chunked_causal_lm_loss``): the (tokens x vocabulary) logits never exist at once."""
+        cfg = self.model.config
+        if getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+            return self.loss(batch)  # heads that rescale logits: keep the model's own loss
+        return chunked_causal_lm_loss(self.model, batch["input_ids"])
 
 
 def generated_token_windows(n: int, seq_len: int, vocab: int, seed: int) -> list[list[int]]:
@@ -151,6 +159,51 @@ class Blip2Adapter(ModelAdapter):
             vocab=self.model.config.text_config.vocab_size - 1,  # the last id is the image token
         )
 
+    def samples_from_pairs(self, pairs: list[dict], seed: int = 0, *, max_txt_len: int = 32) -> list[dict]:
+        """Calibration samples from real image-caption pairs ``[{"image", "caption"[, "id"]}]`` (paths, PIL
+        images or preprocessed tensors), with BLIP-2's pretraining losses as LAVIS computes them.
+
+        Captions go through LAVIS's ``blip_caption`` processor. Images go through the model's own
+        preprocessing (``models.images.image_transform``: ``adapter.preprocess``, an HF image processor, or
+        BLIP-2's eval transform; LAVIS's ``blip2_image_train`` augmentation is left out, so samples are
+        deterministic). Text is cut at ``max_txt_len`` tokens (LAVIS's default, 32).
+
+        * Flan-T5 (prefix LM, ``PrefixLanguagePretrainingDataset``): the caption is split at a random
+          *character* position ``randint(1, len(caption) // 2)`` (seeded); the prefix goes to the encoder
+          after the query tokens, followed by T5's ``</s>``, and the rest is the decoder's target.
+        * decoder-only LMs (``blip2_opt``): the caption plus ``"\\n"``, tokenized with the tokenizer's special
+          tokens (OPT's BOS), is the target after the query tokens; the prompt is empty as in pretraining.
+        """
+        from ..data.calibration import blip_caption
+        from ..data.formats import load_image
+        from ..errors import UserError
+        from .images import image_transform as _image_transform
+
+        tok = self.tokenizer
+        if tok is None:
+            raise UserError(f"{self.name} has no tokenizer: load it from a folder that holds the tokenizer files")
+        rng = random.Random(seed)
+        transform = None
+        out = []
+        for p in pairs:
+            image = load_image(p["image"])
+            if not isinstance(image, torch.Tensor):
+                transform = transform or _image_transform(self)
+                image = transform(image)
+            caption = blip_caption(p["caption"])
+            if self.is_t5:
+                split = rng.randint(1, max(1, len(caption) // 2))
+                eos = [int(self.eos_id)] if self.eos_id is not None else []
+                prefix = _encode(tok, caption[:split], special=False)[: max_txt_len - len(eos)] + eos
+                target = _encode(tok, caption[split:], special=False)[: max_txt_len - len(eos)]  # collate adds eos
+            else:
+                prefix, target = [], _encode(tok, caption + "\n", special=True)[:max_txt_len]
+            sample = {"pixel_values": image, "prefix_ids": prefix, "target_ids": target, "caption": caption}
+            if "id" in p:
+                sample["id"] = p["id"]
+            out.append(sample)
+        return out
+
     def collate(self, samples: list[dict]) -> dict[str, Any]:
         dev = self.input_device()
         q = self.num_query_tokens
@@ -175,6 +228,11 @@ class Blip2Adapter(ModelAdapter):
 
     def loss(self, batch):
         return self.model(**batch, use_cache=False).loss
+
+
+def _encode(tokenizer, text: str, *, special: bool) -> list[int]:
+    ids = tokenizer.encode(text, add_special_tokens=special)
+    return [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
 
 
 def _pad(seqs: list[list[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
