@@ -114,8 +114,9 @@ def _metric_column(df, metric: str) -> str:
     for col in (metric, f"metrics.{metric}"):
         if col in df.columns:
             return col
-    known = [c for c in df.columns if c not in ("run", "model", "method", "sparsity", "task")
-             and not c.startswith(("resources.", "config."))]
+    from .records import is_metric_column
+
+    known = [c for c in df.columns if is_metric_column(c)]
     raise UserError(f"metric {metric!r} is not in the results: choose one of {', '.join(known) or '(none)'}")
 
 
@@ -128,12 +129,20 @@ def metric_vs_sparsity(ax, df_or_records, metric: str, *, methods: Sequence[str]
     dense model: their mean is drawn as a star and starts every method's line that has no point of its own
     at 0. Repeated (method, sparsity) rows (e.g. seeds) are averaged. ``methods`` picks and orders the
     lines; ``label_map`` renames them in the legend.
+
+    Where the records carry a 95 % interval for ``metric`` (``record["intervals"][metric]``, the frame's
+    ``intervals.<metric>`` column) each such point gets an error bar from low to high, in its line's colour
+    (repeated rows: the mean of their bounds); the intervals cover the sampling of the evaluation items.
     """
+    from .records import interval_bounds
+
     df = _frame(df_or_records)
     if df.empty:
         raise UserError("no results to plot: run the grid first (or check the filter)")
     col = _metric_column(df, metric)
     d = df[["method", "sparsity", col]].copy()
+    bounds = interval_bounds(df, col)
+    d["lo_"], d["hi_"] = bounds if bounds is not None else (np.nan, np.nan)
     d["sparsity"] = d["sparsity"].astype(float)
     d[col] = d[col].astype(float)
     d = d.dropna(subset=["sparsity", col])
@@ -148,17 +157,23 @@ def metric_vs_sparsity(ax, df_or_records, metric: str, *, methods: Sequence[str]
         found = list(methods)
     labels = dict(label_map or {})
     free = [k for k in range(len(OKABE_ITO) - 1) if k not in {METHOD_STYLE.get(m) for m in found}]
+    bars = []  # (points with their mean value and bounds, colour): drawn after every line
     for i, m in enumerate(found):
-        pts = d[d["method"] == m].groupby("sparsity")[col].mean()
+        mine = d[d["method"] == m]
+        pts = mine.groupby("sparsity")[col].mean()
         if dense_value is not None and 0.0 not in pts.index:
             pts.loc[0.0] = dense_value
         pts = pts.sort_index()
         k = METHOD_STYLE[m] if m in METHOD_STYLE else (free.pop(0) if free else i % (len(OKABE_ITO) - 1))
         ax.plot(pts.index.to_numpy(), pts.to_numpy(), marker=MARKERS[k % len(MARKERS)], color=OKABE_ITO[k],
                 label=labels.get(m, m))
+        bars.append((mine.groupby("sparsity")[[col, "lo_", "hi_"]].mean(), OKABE_ITO[k]))
     if dense_value is not None:
         ax.plot([0.0], [dense_value], linestyle="none", marker="*", markersize=12, color="black",
                 label=labels.get("dense", "dense"), zorder=5)
+        bars.append((dense[[col, "lo_", "hi_"]].mean().to_frame(name=0.0).T, "black"))
+    for pts, colour in bars:
+        _error_bars(ax, pts, col, colour)
     xs = sorted(set(d["sparsity"]))
     if 0 < len(xs) <= 12:
         ax.set_xticks(xs)
@@ -168,6 +183,18 @@ def metric_vs_sparsity(ax, df_or_records, metric: str, *, methods: Sequence[str]
     if len(ax.get_legend_handles_labels()[0]) > 1:
         ax.legend()
     return ax
+
+
+def _error_bars(ax, pts, col: str, colour: str) -> None:
+    """Vertical bars from ``lo_`` to ``hi_`` at the points of ``pts`` (index: sparsity) that have both bounds."""
+    have = pts.dropna(subset=[col, "lo_", "hi_"])
+    if have.empty:
+        return
+    y = have[col].to_numpy(dtype=float)
+    below = np.clip(y - have["lo_"].to_numpy(dtype=float), 0.0, None)
+    above = np.clip(have["hi_"].to_numpy(dtype=float) - y, 0.0, None)
+    ax.errorbar(have.index.to_numpy(dtype=float), y, yerr=np.vstack([below, above]), fmt="none", ecolor=colour,
+                elinewidth=1.0, capsize=3, alpha=0.8, label="_nolegend_", zorder=4)
 
 
 def _category_ticks(ax, names: Sequence[str], *, axis: str = "x") -> None:

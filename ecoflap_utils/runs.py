@@ -44,7 +44,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import UserError
 from .io import write_json_atomic, write_text_atomic
-from .records import CORE_COLUMNS, records_frame  # noqa: F401  (records_frame re-exported)
+from .records import CORE_COLUMNS, interval_bounds, is_metric_column, records_frame  # noqa: F401  (re-exported)
 
 COMPLETE = ".complete"
 STAMP = ".run.json"
@@ -379,7 +379,8 @@ def _first_line(e: BaseException) -> str:
 
 def check_results(obj: Any, path: str | os.PathLike = RESULTS) -> list[dict]:
     """Validate a results.json body: one record or a list of records in the house schema
-    ``{"model", "method", "sparsity", "task", "metrics": {...}, "resources": {...}, "config": {...}}``."""
+    ``{"model", "method", "sparsity", "task", "metrics": {...}, "resources": {...}, "config": {...}}``, with an
+    optional ``"intervals": {metric: [low, high]}``."""
     records = obj if isinstance(obj, list) else [obj]
     if not records:
         raise UserError(f"{path} holds an empty list: write at least one result record")
@@ -393,6 +394,14 @@ def check_results(obj: Any, path: str | os.PathLike = RESULTS) -> list[dict]:
         for k in ("resources", "config"):
             if k in r and r[k] is not None and not isinstance(r[k], Mapping):
                 raise UserError(f"{where}.{k} must be an object, got {type(r[k]).__name__}")
+        iv = r.get("intervals")
+        if iv is not None:
+            if not isinstance(iv, Mapping):
+                raise UserError(f"{where}.intervals must be an object {{metric: [low, high]}}, got {type(iv).__name__}")
+            for m, pair in iv.items():
+                if (not isinstance(pair, (list, tuple)) or len(pair) != 2
+                        or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in pair)):
+                    raise UserError(f"{where}.intervals.{m} must be [low, high] (two numbers), got {pair!r}")
     return [dict(r) for r in records]
 
 
@@ -503,8 +512,8 @@ def report_text(result: GridResult) -> str:
 # -------------------------------------------------------------------------------------------- results
 
 def metric_columns(df) -> list[str]:
-    """The metric columns of a results frame (everything but run/core/resources/config columns)."""
-    return [c for c in df.columns if c not in ("run", *CORE_COLUMNS) and not c.startswith(("resources.", "config."))]
+    """The metric columns of a results frame (everything but run/core/resources/config/intervals columns)."""
+    return [c for c in df.columns if is_metric_column(c)]
 
 
 def collect_results(out_dir: str | os.PathLike = "runs"):
@@ -542,59 +551,36 @@ def sort_results(df):
 
 
 def results_markdown(df, *, floatfmt: str = ".4f") -> str:
-    """Markdown table: model, task, method, sparsity, then the metric columns."""
+    """Markdown table: model, task, method, sparsity, then the metric columns; a value with a 95 % interval
+    (the record's ``"intervals"``) reads ``value [low, high]``."""
+    from .intervals import format_interval
     from .report import format_table
 
     if df.empty:
         return "(no complete runs)"
-    cols = ["model", "task", "method", "sparsity", *metric_columns(df)]
+    metrics = metric_columns(df)
+    cols = ["model", "task", "method", "sparsity", *metrics]
+    bounds = {c: b for c in metrics if (b := interval_bounds(df, c)) is not None}
     rows = []
-    for rec in df[cols].to_dict("records"):
-        rows.append({k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()})
+    for i, rec in zip(df.index, df[cols].to_dict("records")):
+        row = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in rec.items()}
+        for c, (low, high) in bounds.items():
+            v = row.get(c)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and low.notna()[i] and high.notna()[i]:
+                row[c] = format_interval(v, (low[i], high[i]), floatfmt)
+        rows.append(row)
     return format_table(rows, cols, floatfmt=floatfmt)
-
-
-#: the metric a task's headline table shows (higher is better except perplexity)
-MAIN_METRIC = {"zeroshot": "acc1", "retrieval": "mean_recall", "vqav2": "vqa_accuracy", "okvqa": "vqa_accuracy",
-               "gqa": "vqa_accuracy", "caption": "cider", "perplexity": "perplexity"}
-
-
-def _main_metric(task: str, sub) -> str | None:
-    import pandas as pd
-
-    cols = [c for c in metric_columns(sub) if pd.to_numeric(sub[c], errors="coerce").notna().any()]
-    if MAIN_METRIC.get(task) in cols:
-        return MAIN_METRIC[task]
-    return cols[0] if cols else None
 
 
 def headline_tables(df, *, floatfmt: str = ".2f") -> str:
     """For each (model, task) whose records span several sparsities: its main metric with one row per method
-    (and run, where several runs measure a method at the same sparsity) and one column per sparsity, dense in column 0."""
-    import pandas as pd
+    (and run, where several runs measure a method at the same sparsity) and one column per sparsity, dense in
+    column 0 (``report.headline_markdown``, which the notebooks' closing tables use too)."""
+    from .report import headline_markdown
 
-    from .report import format_table
-
-    parts = []
     if df.empty:
         return "(no complete runs)"
-    for (model, task), sub in df.groupby([df["model"].astype(str), df["task"].astype(str)], sort=True):
-        metric = _main_metric(task, sub)
-        sp = pd.to_numeric(sub["sparsity"], errors="coerce")
-        if metric is None or sp.nunique() < 2:
-            continue
-        sub = sub.assign(value_=pd.to_numeric(sub[metric], errors="coerce"), sp_=sp).dropna(subset=["value_", "sp_"])
-        # a method measured at the same sparsity by several runs (different settings) gets one row per run
-        several = ((sub.groupby(["method", "sp_"])["run"].nunique() > 1).groupby(level=0).any()
-                   if "run" in sub else pd.Series(dtype=bool))
-        cols = [f"{s:g}" for s in sorted(sub["sp_"].unique())]
-        rows: dict[str, dict] = {}
-        for r in sub.to_dict("records"):
-            label = f"{r['method']} [{r['run']}]" if several.get(r["method"], False) else str(r["method"])
-            rows.setdefault(label, {"method": label})[f"{r['sp_']:g}"] = float(r["value_"])
-        parts.append(f"### {model} · {task} · {metric} by sparsity\n\n"
-                     + format_table(list(rows.values()), ["method", *cols], floatfmt=floatfmt))
-    return "\n\n".join(parts) if parts else "(no run spans several sparsities)"
+    return headline_markdown(df, floatfmt=floatfmt, min_columns=2) or "(no run spans several sparsities)"
 
 
 def write_summary(out_dir: str | os.PathLike, df=None) -> tuple[list[Path], list[Path], str]:
@@ -614,7 +600,8 @@ def write_summary(out_dir: str | os.PathLike, df=None) -> tuple[list[Path], list
 def summary_figures(out_dir: str | os.PathLike, df) -> list[Path]:
     """One PNG per (model, task, numeric metric) whose records span several sparsities: the metric against
     sparsity, one line per method measured at two or more sparsities (single-point ablations are left to
-    the table, where they read better), the dense model as a star; perplexity on a log scale."""
+    the table, where they read better), the dense model as a star; perplexity on a log scale. Where the
+    records carry 95 % intervals the points get error bars (``plots.metric_vs_sparsity``)."""
     import matplotlib as mpl
     from matplotlib.figure import Figure
     import pandas as pd

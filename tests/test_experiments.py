@@ -27,6 +27,11 @@ def test_sparsity_sweep_records_every_point_and_restores_the_model():
         assert set(r["metrics"]) == {"acc1", "acc5", "mean_per_class_recall"}
         assert r["resources"]["fine"]["wall_s"] > 0
     assert "scores" in recs[3]["resources"]  # ecoflap records the coarse stage
+    for r in recs:  # every record carries the 95 % interval of its headline metric, around the point value
+        (lo, hi), = r["intervals"].values()
+        assert list(r["intervals"]) == ["acc1"] and lo <= r["metrics"]["acc1"] <= hi
+    m, iv = ex.evaluate_task_with_intervals(a, limit=16)
+    assert m == ex.evaluate_task(a, limit=16) == recs[0]["metrics"] and iv == recs[0]["intervals"]
     assert _same(a, before)
     with pytest.raises(UserError, match="unknown method"):
         ex.sparsity_sweep(a, methods=["lamp"], sparsities=[0.5])
@@ -58,6 +63,8 @@ def test_stack_sensitivity_prunes_only_the_named_module():
     finally:
         ex.prune = real
     assert [r["config"]["pruned"] for r in recs] == ["vision", "language"]
+    assert all(r["intervals"]["vqa_accuracy"][0] <= r["metrics"]["vqa_accuracy"] <= r["intervals"]["vqa_accuracy"][1]
+               for r in recs)
     assert seen == [{"vision"}, {"text_encoder", "text_decoder"}]
 
 
