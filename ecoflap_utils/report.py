@@ -44,3 +44,372 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
     line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
     sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([line(cols), sep] + [line(r) for r in cells])
+
+
+# ----------------------------------------------------------------------------- headline tables and sentences
+# A notebook's closing section shows its own numbers: the table is rendered from the records it wrote, and
+# every sentence about measured values is computed here from those records and names their model. The batch
+# runner's headline tables (``runs.headline_tables``) use the same code on its results frame.
+
+#: the metric a task's headline table shows (higher is better except those in ``LOWER_IS_BETTER``)
+MAIN_METRIC = {"zeroshot": "acc1", "retrieval": "mean_recall", "vqav2": "vqa_accuracy", "okvqa": "vqa_accuracy",
+               "gqa": "vqa_accuracy", "caption": "cider", "perplexity": "perplexity", "score_agreement": "spearman"}
+LOWER_IS_BETTER = {"perplexity", "loss", "wall_s", "peak_delta_mb"}
+_NOT_METRICS = ("run", "model", "method", "sparsity", "task")
+
+
+def main_metric(task: Any, frame) -> str | None:
+    """The metric a (model, task) table shows: ``MAIN_METRIC[task]`` when measured, else the first numeric metric."""
+    import pandas as pd
+
+    cols = [c for c in _metric_columns(frame) if pd.to_numeric(frame[c], errors="coerce").notna().any()
+            and not frame[c].map(lambda v: isinstance(v, bool)).any()]
+    if MAIN_METRIC.get(str(task)) in cols:
+        return MAIN_METRIC[str(task)]
+    return cols[0] if cols else None
+
+
+def _metric_columns(frame) -> list[str]:
+    return [c for c in frame.columns if c not in _NOT_METRICS
+            and not str(c).startswith(("resources.", "config.", "intervals."))]
+
+
+def _frame(records: Sequence[Mapping[str, Any]]):
+    """Records as a results frame (``runs.records_frame``) with an ``intervals.<metric>`` column of (low, high)."""
+    from .records import records_frame
+
+    records = list(records)
+    df = records_frame(records)
+    for i, r in enumerate(records):
+        for m, iv in (r.get("intervals") or {}).items():
+            col = f"intervals.{m}"
+            if col not in df.columns:
+                df[col] = None
+            df[col] = df[col].astype(object)
+            df.at[i, col] = iv
+    return df
+
+
+def _interval(value: Any) -> tuple[float, float] | None:
+    """(low, high) from a list, a tuple or its JSON text; None when absent or not two finite numbers."""
+    import json
+    import math
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            return None
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        try:
+            lo, hi = float(value[0]), float(value[1])
+        except (TypeError, ValueError):
+            return None
+        if math.isfinite(lo) and math.isfinite(hi):
+            return (lo, hi)
+    return None
+
+
+def _column(frame, key: str) -> str:
+    """A frame column for ``key``: itself, or the config entry of that name (``samples`` -> ``config.samples``)."""
+    for c in (key, f"config.{key}"):
+        if c in frame.columns:
+            return c
+    raise KeyError(f"no '{key}' in these records (neither a field nor a config entry)")
+
+
+def _label(v: Any) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, (int, float)):
+        return f"{float(v):g}"
+    return str(v)
+
+
+def _num(v: float) -> str:
+    """A measured value as prose shows it, to four significant digits: 12345, 1125, 261.6, 97.6, 0.853."""
+    return f"{v:.0f}" if abs(v) >= 10000 else f"{v:.4g}"
+
+
+def _groups(frame):
+    """(model, task, sub-frame) for each model and task, in order of appearance."""
+    keys = list(dict.fromkeys(zip(frame["model"].astype(str), frame["task"].astype(str))))
+    for model, task in keys:
+        yield model, task, frame[(frame["model"].astype(str) == model) & (frame["task"].astype(str) == task)]
+
+
+def _pivot(sub, metric: str | Sequence[str] | None, columns: str, rows: Sequence[str], label_runs: bool):
+    """One (model, task): {row label: {column label: (value, interval or None)}}, the column labels in order,
+    and the metric shown. ``columns="metric"`` makes one column per metric (``metric`` a list, or all)."""
+    import pandas as pd
+
+    if columns == "metric":
+        metrics = [metric] if isinstance(metric, str) else list(metric or [m for m in _metric_columns(sub)
+                                                                               if pd.to_numeric(sub[m], errors="coerce").notna().any()])
+        col_of = None
+    else:
+        metrics = [metric if isinstance(metric, str) else main_metric(sub["task"].iloc[0], sub)]
+        col_of = _column(sub, columns)
+    if metrics == [None]:
+        return {}, [], None
+    row_cols = [_column(sub, k) for k in rows]
+    # a method measured at the same point by several runs (different settings) gets one row per run
+    several: set = set()
+    if label_runs and "run" in sub.columns and col_of is not None:
+        counts = sub.groupby([sub[c].astype(str) for c in row_cols] + [sub[col_of].astype(str)])["run"].nunique()
+        several = {k[:-1] for k in counts[counts > 1].index}
+    table: dict[str, dict[str, tuple]] = {}
+    points: list = []
+    for r in sub.to_dict("records"):
+        key = tuple(str(r[c]) for c in row_cols)
+        label = " · ".join(key) + (f" [{r['run']}]" if key in several else "")
+        for m in metrics:
+            value = pd.to_numeric(pd.Series([r.get(m)]), errors="coerce").iloc[0]
+            at = m if col_of is None else r.get(col_of)
+            if pd.isna(value) or (col_of is not None and (at is None or (isinstance(at, float) and pd.isna(at)))):
+                continue
+            col = _label(at)
+            cell = table.setdefault(label, {})
+            if col in cell and not label_runs:  # the batch runner's table keeps the last, as it always did
+                raise ValueError(f"two records of {label!r} at {columns} {col}: name the setting that tells them "
+                                 f"apart in rows=, e.g. rows=('dataset', 'method') or ('method', 'sparsity')")
+            cell[col] = (float(value), _interval(r.get(f"intervals.{m}")))
+            points.append(at)
+    if col_of is None:
+        cols = [m for m in metrics if any(m in c for c in table.values())]
+    else:
+        order = sorted(set(points), key=lambda v: (0, float(v)) if isinstance(v, (int, float)) else (1, str(v)))
+        cols = list(dict.fromkeys(_label(v) for v in order))
+    return table, cols, metrics[0] if col_of is not None else None
+
+
+def headline_table(records: Sequence[Mapping[str, Any]], metric: str | Sequence[str] | None = None, *,
+                   columns: str = "sparsity", rows: Sequence[str] = ("method",)):
+    """The headline table of a notebook's records as a DataFrame: the main metric (``MAIN_METRIC`` of the task:
+    acc1 for zero-shot, vqa_accuracy for VQA, cider, perplexity, spearman; or ``metric``), one row per method
+    and one column per sparsity (or per ``columns``, a record field or config entry such as ``samples``;
+    ``columns="metric"``: one column per metric). Where records carry 95 % intervals
+    (``record["intervals"][metric] == [low, high]``) a column ``c`` with any is followed by ``c low``, ``c high``.
+    Records of several models or tasks get ``model``, ``task`` and ``metric`` index levels."""
+    import pandas as pd
+
+    frame = _frame(records)
+    out = []
+    for model, task, sub in _groups(frame):
+        table, cols, shown = _pivot(sub, metric, columns, rows, label_runs=False)
+        with_iv = {c for cells in table.values() for c, (_, iv) in cells.items() if iv is not None}
+        for label, cells in table.items():
+            row = {"model": model, "task": task, "metric": shown or "", "row": label}
+            for c in cols:
+                value, iv = cells.get(c, (float("nan"), None))
+                row[c] = value
+                if c in with_iv:
+                    row[f"{c} low"], row[f"{c} high"] = iv if iv else (float("nan"), float("nan"))
+            out.append(row)
+    df = pd.DataFrame(out)
+    if df.empty:
+        return df
+    name = " · ".join(rows)
+    single = df[["model", "task", "metric"]].drop_duplicates().shape[0] == 1
+    if single:
+        df.attrs.update(model=df["model"].iloc[0], task=df["task"].iloc[0], metric=df["metric"].iloc[0])
+        df = df.drop(columns=["model", "task", "metric"]).rename(columns={"row": name}).set_index(name)
+    else:
+        df = df.rename(columns={"row": name}).set_index(["model", "task", "metric", name])
+    df.columns.name = columns
+    return df
+
+
+def _cell(value: float, iv: tuple[float, float] | None, floatfmt: str) -> str:
+    text = format(value, floatfmt)
+    return f"{text} [{format(iv[0], floatfmt)}, {format(iv[1], floatfmt)}]" if iv else text
+
+
+def headline_markdown(source, metric: str | Sequence[str] | None = None, *, columns: str = "sparsity",
+                      rows: Sequence[str] = ("method",), floatfmt: str = ".2f", min_columns: int = 1) -> str:
+    """The headline tables in Markdown, one per (model, task) under a ``### model · task · metric by sparsity``
+    heading; a cell with an interval reads ``value [low, high]``. ``source``: result records, or a results
+    frame with a ``run`` column (``runs.collect_results``; a method measured at the same sparsity by several runs
+    then gets one row per run). Tables with fewer than ``min_columns`` columns are left out."""
+    frame = _frame(source) if isinstance(source, (list, tuple)) else source
+    if frame.empty:
+        return "(no records)"
+    parts = []
+    for model, task, sub in _groups(frame):
+        table, cols, shown = _pivot(sub, metric, columns, rows, label_runs=True)
+        if not table or len(cols) < min_columns:
+            continue
+        first = " · ".join(rows)
+        body = [{first: label, **{c: _cell(*cells[c], floatfmt) for c in cols if c in cells}}
+                for label, cells in table.items()]
+        title = f"{shown} by {columns}" if shown else "by metric"
+        parts.append(f"### {model} · {task} · {title}\n\n" + format_table(body, [first, *cols]))
+    return "\n\n".join(parts)
+
+
+def load_records(out_dir) -> list[dict[str, Any]]:
+    """The records a notebook wrote to ``out_dir/results.json`` (a list, or one record), as a list."""
+    import json
+    from pathlib import Path
+
+    body = json.loads((Path(out_dir) / "results.json").read_text())
+    return body if isinstance(body, list) else [body]
+
+
+def save_headline(records: Sequence[Mapping[str, Any]], out_dir, metric: str | Sequence[str] | None = None,
+                  **kw) -> str:
+    """Write ``headline.csv`` (:func:`headline_table`) and ``headline.md`` (:func:`headline_markdown`) in
+    ``out_dir``; returns the Markdown, which is what a notebook prints."""
+    from pathlib import Path
+
+    from .io import write_text_atomic
+
+    md = headline_markdown(list(records), metric, **kw)
+    write_text_atomic(Path(out_dir) / "headline.md", md + "\n")
+    write_text_atomic(Path(out_dir) / "headline.csv", headline_table(records, metric, **kw).to_csv())
+    return md
+
+
+def _select(records, where: Mapping[str, Any] | None):
+    out = []
+    for r in records:
+        ok = True
+        for k, v in (where or {}).items():
+            have = r.get(k, (r.get("config") or {}).get(k))
+            ok &= have == v
+        if ok:
+            out.append(r)
+    return out
+
+
+def _at(r: Mapping[str, Any], by: str) -> Any:
+    return r.get(by, (r.get("config") or {}).get(by))
+
+
+def _same(a: Any, b: Any) -> bool:
+    import math
+
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(float(a), float(b), abs_tol=1e-9)
+    return a == b
+
+
+def _find(records, method: str, by: str, at: Any, metric: str):
+    hits = [r for r in records if r.get("method") == method and metric in (r.get("metrics") or {})
+            and (at is None or _same(_at(r, by), at))]
+    if len(hits) > 1:
+        raise ValueError(f"{len(hits)} records of {method!r} at {by} {at}: pass where= to pick one "
+                         f"(e.g. where={{'dataset': ...}})")
+    return hits[0] if hits else None
+
+
+def _value(r: Mapping[str, Any], metric: str) -> tuple[float, tuple[float, float] | None]:
+    return float(r["metrics"][metric]), _interval((r.get("intervals") or {}).get(metric))
+
+
+def _shown(value: float, iv) -> str:
+    return _num(value) + (f" [{_num(iv[0])}, {_num(iv[1])}]" if iv else "")
+
+
+def _noise(ia, ib, a: str, b: str) -> str:
+    if ia is None or ib is None:
+        return "No intervals were recorded, so noise is not assessed."
+    if ia[0] <= ib[1] and ib[0] <= ia[1]:
+        return f"{a} and {b} are within noise of each other: their 95 % intervals overlap."
+    return f"{a} and {b} differ: their 95 % intervals do not overlap."
+
+
+def _group_records(records, where):
+    records = _select(list(records), where)
+    keys = list(dict.fromkeys((str(r.get("model")), str(r.get("task"))) for r in records))
+    return [(m, t, [r for r in records if (str(r.get("model")), str(r.get("task"))) == (m, t)]) for m, t in keys]
+
+
+def _metric_for(task: str, group, metric: str | None) -> str | None:
+    if metric:
+        return metric
+    return main_metric(task, _frame(group)) if group else None
+
+
+def compare(records: Sequence[Mapping[str, Any]], a: str, b: str, sparsity: float | None = None, *,
+            metric: str | None = None, by: str = "sparsity", at: Any = None, baseline: str = "dense",
+            where: Mapping[str, Any] | None = None) -> str:
+    """A sentence comparing method ``a`` with method ``b`` at one sparsity (or at ``by == at``, a record field or
+    config entry such as ``samples``), on the main metric of each model and task in ``records`` (or ``metric``),
+    naming the model. With a ``baseline`` (dense) record it says how many of the points ``b`` loses ``a`` keeps.
+    With 95 % intervals on both records it says "differ" only when they do not overlap, else "within noise".
+    A missing record gives a sentence that says so. ``where`` keeps records whose field or config entry matches
+    (``{"dataset": "cifar10"}``)."""
+    at = sparsity if by == "sparsity" and at is None else at
+    sentences = []
+    for model, task, group in _group_records(records, where):
+        m = _metric_for(task, group, metric)
+        where_text = "".join(f", {k} {v}" for k, v in (where or {}).items())
+        head = f"On {model} ({task}{where_text}"
+        if m is None:
+            sentences.append(f"{head}): no numeric metric to compare.")
+            continue
+        point = f"{by} {_label(at)}"
+        ra, rb = _find(group, a, by, at, m), _find(group, b, by, at, m)
+        missing = [x for x, r in ((a, ra), (b, rb)) if r is None]
+        if missing:
+            sentences.append(f"{head}): no {' and no '.join(repr(x) for x in missing)} record with {m} at {point}, "
+                             f"so {a} and {b} are not compared there.")
+            continue
+        higher = m not in LOWER_IS_BETTER
+        (va, ia), (vb, ib) = _value(ra, m), _value(rb, m)
+        rd = _find(group, baseline, by, None, m) if by == "sparsity" else None
+        vd = _value(rd, m)[0] if rd is not None else None
+        text = (f"{head}, {m}, {'higher' if higher else 'lower'} is better) at {point}: {a} {_shown(va, ia)}, "
+                f"{b} {_shown(vb, ib)}" + (f", {baseline} {_num(vd)}" if vd is not None else "") + ". ")
+        gap = (va - vb) if higher else (vb - va)  # > 0: a is better
+        versus = f"{a} scores the same as {b}" if gap == 0 else f"{a} is {_num(abs(gap))} {'better' if gap > 0 else 'worse'}"
+        if vd is not None:
+            lost = (vd - vb) if higher else (vb - vd)
+            if lost <= 0:
+                text += f"{b} loses nothing against {baseline}; {versus}. "
+            elif gap > lost:
+                text += f"{a} keeps all {_num(lost)} points {b} loses and ends {_num(gap - lost)} better than {baseline}. "
+            elif gap >= 0:
+                text += f"{a} keeps {_num(gap)} of the {_num(lost)} points {b} loses. "
+            else:
+                text += f"{a} loses {_num(-gap)} points more than {b}, which loses {_num(lost)}. "
+        else:
+            text += f"{versus}{'' if gap == 0 else f' than {b}'}. "
+        sentences.append(text + _noise(ia, ib, a, b))
+    return "\n".join(sentences) if sentences else "No records to compare."
+
+
+def trend(records: Sequence[Mapping[str, Any]], method: str, *, metric: str | None = None, by: str = "sparsity",
+          where: Mapping[str, Any] | None = None) -> str:
+    """A sentence listing ``method``'s main metric (or ``metric``) at each value of ``by`` (sparsity, or a config
+    entry such as ``samples``), naming the model: "On mini-clip (score_agreement), zeroth's spearman: 0.85 at
+    samples 8, 0.27 at samples 16."; intervals are shown where recorded."""
+    sentences = []
+    for model, task, group in _group_records(records, where):
+        m = _metric_for(task, group, metric)
+        hits = [r for r in group if r.get("method") == method and m in (r.get("metrics") or {})]
+        if not hits:
+            sentences.append(f"On {model} ({task}): no {method!r} record with {m}.")
+            continue
+        hits.sort(key=lambda r: (float(_at(r, by)) if isinstance(_at(r, by), (int, float)) else 0.0))
+        values = ", ".join(f"{_shown(*_value(r, m))} at {by} {_label(_at(r, by))}" for r in hits)
+        sentences.append(f"On {model} ({task}), {method}'s {m}: {values}.")
+    return "\n".join(sentences) if sentences else "No records."
+
+
+def describe(records: Sequence[Mapping[str, Any]], method: str, metrics: Sequence[str] | None = None, *,
+             where: Mapping[str, Any] | None = None) -> str:
+    """A sentence giving every metric of each record of ``method`` (or ``metrics``), naming the model, task and
+    sparsity: "On mini-blip2 (allocation at sparsity 0.6), ecoflap: min_sparsity 0.34, max_sparsity 0.66."."""
+    sentences = []
+    for model, task, group in _group_records(records, where):
+        hits = [r for r in group if r.get("method") == method]
+        if not hits:
+            sentences.append(f"On {model} ({task}): no {method!r} record.")
+        for r in hits:
+            ms = {k: v for k, v in (r.get("metrics") or {}).items() if metrics is None or k in metrics}
+            values = ", ".join(f"{k} {_shown(float(v), _interval((r.get('intervals') or {}).get(k)))}"
+                               for k, v in ms.items() if isinstance(v, (int, float)) and not isinstance(v, bool))
+            sentences.append(f"On {model} ({task} at sparsity {_label(r.get('sparsity'))}), {method}: {values}.")
+    return "\n".join(sentences) if sentences else "No records."

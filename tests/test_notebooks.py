@@ -35,15 +35,26 @@ def test_notebook_is_committed_clean_and_thin(path):
     assert all(len(c.source.strip().splitlines()) <= 15 for c in code if c not in params)
 
 
-def test_notebooks_are_what_tools_build_notebooks_writes(tmp_path):
-    """The generator is the notebooks' source: a notebook edited by hand and not in the generator fails here."""
-    import subprocess
-    import sys
+def test_every_notebook_has_its_jupytext_pair():
+    ipynb = {p.stem for p in (ROOT / "notebooks").glob("*.ipynb")}
+    py = {p.stem for p in (ROOT / "notebooks").glob("*.py")}
+    assert ipynb == py, f"unpaired: {sorted(ipynb ^ py)}: run .venv/bin/jupytext --sync notebooks/*.ipynb"
+    config = (ROOT / "notebooks" / "jupytext.toml").read_text()
+    assert 'formats = "ipynb,py:percent"' in config
 
-    subprocess.run([sys.executable, str(ROOT / "tools" / "build_notebooks.py"), str(tmp_path)], check=True,
-                   capture_output=True)
-    for path in NOTEBOOKS:
-        assert path.read_text() == (tmp_path / path.name).read_text(), f"{path.name}: run tools/build_notebooks.py"
+
+def _cells(nb) -> list[tuple[str, str, bool]]:
+    return [(c.cell_type, c.source.strip(), "parameters" in c.metadata.get("tags", [])) for c in nb.cells]
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_and_its_py_pair_are_in_sync(path):
+    """The percent-format .py read with jupytext is the committed .ipynb: same cells, same sources, same tag."""
+    import jupytext
+
+    text = jupytext.read(path.with_suffix(".py"), fmt="py:percent")
+    nb = nbformat.read(path, as_version=4)
+    assert _cells(text) == _cells(nb), f"{path.name} and its .py differ: run .venv/bin/jupytext --sync notebooks/*.ipynb"
 
 
 def check_results(path: Path) -> list[dict]:
@@ -74,6 +85,36 @@ def test_every_notebook_runs_on_the_tiny_models(tmp_path):
     # a second run resumes: nothing is executed again
     again = run_grid(ROOT / "grids" / "tiny.yaml", tmp_path / "runs", progress=False, summary=False)
     assert not again.executed and len(again.skipped) == len(result.runs)
+
+
+def test_closing_table_of_a_tiny_run_is_its_results_json(tmp_path):
+    """Notebook 05 on tiny-clip: the headline table it printed and saved is its own results.json, and every
+    sentence it printed about measured values names the model that ran, not the bundled default."""
+    import pandas as pd
+
+    grid = {"notebook": str(ROOT / "notebooks" / "05_prune_clip.ipynb"),
+            "parameters": {"MODEL": "tiny-clip", "CALIB_SAMPLES": 8, "FIRST_STAGE_SAMPLES": 8, "EVAL_LIMIT": 16},
+            "grid": {"SPARSITIES": [[0.5, 0.7]]}}
+    result = run_grid(grid, tmp_path / "runs", progress=False, summary=False)
+    assert not result.failed, result.failed
+    (run_dir,) = [r.run_dir for r in result.runs]
+    records = check_results(run_dir / "results.json")
+    table = pd.read_csv(run_dir / "headline.csv", index_col=0)
+    assert list(table.index) == list(dict.fromkeys(r["method"] for r in records))
+    for r in records:
+        col = f"{r['sparsity']:g}"
+        assert table.loc[r["method"], col] == pytest.approx(r["metrics"]["acc1"], rel=1e-12)
+        if "acc1" in r.get("intervals", {}):  # 95 % intervals, where the records carry them
+            assert list(table.loc[r["method"], [f"{col} low", f"{col} high"]]) == pytest.approx(r["intervals"]["acc1"])
+    values = table[[c for c in table.columns if not c.endswith((" low", " high"))]]
+    assert int(values.notna().sum().sum()) == len(records)  # nothing in the table that is not in results.json
+    printed = "".join(o.get("text", "") for o in nbformat.read(run_dir / "05_prune_clip.ipynb", as_version=4).cells[-1].outputs)
+    md = (run_dir / "headline.md").read_text().strip()
+    assert md.startswith("### tiny-clip · zeroshot · acc1 by sparsity") and md in printed
+    sentences = printed.replace(md, "").strip().splitlines()
+    assert len(sentences) == 3 * 2  # sparsegpt, ecoflap-zeroth, ecoflap-first against wanda at 0.5 and 0.7
+    assert all(s.startswith("On tiny-clip (zeroshot, acc1, higher is better) at sparsity 0.") for s in sentences)
+    assert "mini-clip" not in printed.replace(md, "")
 
 
 WHOLE_MODEL = {"wanda", "sparsegpt", "ecoflap-zeroth", "ecoflap-first"}
