@@ -20,8 +20,10 @@ from __future__ import annotations
 import math
 import zlib
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import nn
@@ -29,11 +31,13 @@ from tqdm.auto import tqdm
 
 from .capture import hooks, replaced_forward
 from .errors import CalibrationError, UserError
-from .models.base import Block, ModelAdapter
+from .models.base import ModelAdapter
 
 SCORE_METHODS = ("zeroth", "first", "jvp", "magnitude")
 GRANULARITIES = ("layer", "block", "module")
 PERTURBS = ("tensor", "group")
+DIFFERENCES = ("forward", "central")
+MEMORY_MODES = ("plain", "low")
 FIRST_ORDER_VARIANTS = ("grad", "weight_grad", "grad_norm")
 
 
@@ -192,85 +196,233 @@ def perturbed(params: Sequence[torch.Tensor], seed: int, scale: float) -> Iterat
 
 
 # --------------------------------------------------------------------------- scores
-def compute_scores(adapter: ModelAdapter, method: str = "zeroth", calibration: Sequence[Any] | None = None, *,
-                   granularity: str = "block", eps: float = 1e-3, num_noise: int = 1, seed: int = 0,
-                   aggregate: str = "sum", perturb: str = "group", samples: int = 32, batch_size: int = 8,
-                   stacks: Sequence[str] | None = None, variant: str = "grad", cache: bool = True,
-                   units: Sequence[int] | None = None, per_batch: list | None = None,
-                   progress: bool | None = None) -> dict[str, float]:
-    """Global importance ``{group: score}`` (ECoFLaP Sec. 3.2 and Table 1).
+@dataclass
+class ScoreResult:
+    """What :func:`estimate_scores` returns: the group scores and how much to trust them.
 
-    ``zeroth``: sum over batches of |g_hat| (mean over ``num_noise`` directions); with ``perturb="tensor"``
-    a group's score is the sum over its tensors (the paper's estimator). ``jvp``: the same directional
-    derivative computed exactly by forward-mode autodiff with the same z. ``first``: autograd, with
-    ``variant`` ``grad`` (sum |g|), ``weight_grad`` (sum |W * g|) or ``grad_norm`` (||g||_2 per batch).
-    ``magnitude``: sum |W|, no data. ``cache=False`` reruns the whole model for every perturbation, as
-    the paper's code does (for comparison only). Every group sees the same calibration batches.
-    ``units`` restricts the work to those perturbation units (indices in model order; for timing
-    samples in bench/); ``per_batch``, when a list, receives one ``{group: contribution}`` per batch.
+    ``scores``: ``{group: score}``. ``per_batch``: one ``{group: contribution}`` per calibration batch (they
+    sum to ``scores`` for ``aggregate="sum"``). ``draws``: for zeroth order and jvp, the per-batch,
+    per-direction contributions ``draws[group][batch][k]`` (first order: one per batch). ``stderr``: per
+    group, the standard error of its score from those draws. ``stability``: split-half rank stability, the
+    Spearman correlation of the scores from two disjoint halves of the draws (``split`` says which halves:
+    even/odd noise directions when there are at least two per batch, else even/odd batches); ``None``
+    when there are fewer than three groups or two draws. ``config``: the settings and the forward count.
+    """
+
+    scores: dict[str, float]
+    per_batch: list[dict[str, float]] = field(default_factory=list)
+    draws: dict[str, list[list[float]]] = field(default_factory=dict)
+    stderr: dict[str, float] = field(default_factory=dict)
+    stability: float | None = None
+    split: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def table(self) -> dict[str, dict[str, Any]]:
+        """``{group: {"score", "stderr"}}`` for scores.json."""
+        return {g: {"score": v, "stderr": self.stderr.get(g)} for g, v in self.scores.items()}
+
+
+#: below this split-half stability the CLI and notebooks warn
+STABILITY_WARNING = 0.8
+
+
+def stability_message(result: ScoreResult) -> str:
+    """One line on how reliable the scores are, with what to raise when they are not."""
+    if result.stability is None:
+        return "split-half stability: not available (needs >= 3 groups and >= 2 draws)"
+    line = f"split-half rank stability of the block scores: {result.stability:.2f} ({result.split})"
+    if result.stability < STABILITY_WARNING:
+        line += (f" - below {STABILITY_WARNING}: the allocation is close to random within the cap; raise "
+                 "--num-noise (or use --num-noise auto) or --first-stage-samples, or use --scores first")
+    return line
+
+
+def compute_scores(adapter: ModelAdapter, method: str = "zeroth", calibration: Sequence[Any] | None = None, *,
+                   per_batch: list | None = None, **kw) -> dict[str, float]:
+    """Global importance ``{group: score}`` (ECoFLaP Sec. 3.2 and Table 1): :func:`estimate_scores` without
+    the noise statistics. ``per_batch``, when a list, receives one ``{group: contribution}`` per batch."""
+    res = estimate_scores(adapter, method, calibration, **kw)
+    if per_batch is not None:
+        per_batch[:] = res.per_batch
+    return res.scores
+
+
+def estimate_scores(adapter: ModelAdapter, method: str = "zeroth", calibration: Sequence[Any] | None = None, *,
+                    granularity: str = "block", eps: float = 1e-3, num_noise: int | str = 1, seed: int = 0,
+                    aggregate: str = "sum", perturb: str = "tensor", difference: str = "forward",
+                    samples: int = 32, batch_size: int = 8, stacks: Sequence[str] | None = None,
+                    variant: str = "grad", memory: str = "plain", cache: bool = True,
+                    units: Sequence[int] | None = None, stability: float = 0.9, max_noise: int = 16,
+                    progress: bool | None = None) -> ScoreResult:
+    """Global importance per group with its noise statistics (ECoFLaP Sec. 3.2, Table 1).
+
+    ``zeroth``: per batch, |g_hat| along seeded Gaussian directions z, averaged over ``num_noise``
+    directions and summed over batches. ``perturb="tensor"`` (default, the paper's estimator) draws one
+    direction per weight tensor and sums the tensors' |g_hat| over the group: E|z.g_t| = sqrt(2/pi) ||g_t||,
+    so the score tracks sum_t ||g_t||. ``perturb="group"`` perturbs all of a group's tensors along one joint
+    direction: a cheaper, *different* estimator that tracks ||g_group|| (between sum_t ||g_t|| / sqrt(T)
+    and sum_t ||g_t|| for T tensors). ``difference="central"`` is the paper's two-point estimate
+    (L(W + eps z) - L(W - eps z)) / 2 eps; ``"forward"`` is (L(W + eps z) - L(W)) / eps with L(W) computed
+    once per batch and shared by every unit: half the perturbed forwards, the same ranks (tests).
+    ``num_noise="auto"`` draws pairs of directions per batch until the split-half stability reaches
+    ``stability`` or ``max_noise`` directions per batch are spent.
+
+    ``jvp``: the same directional derivative, exact, by forward-mode autodiff with the same z. ``first``:
+    autograd, ``variant`` ``grad`` (sum |g|), ``weight_grad`` (sum |W * g|; at batch size 1 this is the
+    paper's BLIP-2 first-order score, |W| * |g| summed over samples) or ``grad_norm`` (||g||_2 per batch);
+    ``memory="low"`` recomputes each block during the backward pass (block checkpointing) and reduces each
+    gradient to its score as soon as it is accumulated, then frees it: the same numbers at about the memory
+    of a forward pass. ``magnitude``: sum |W|, no data. ``cache=False`` reruns the whole model for every
+    perturbation, as the paper's code does (for comparison only). Every group sees the same calibration
+    batches. ``units`` restricts the work to those perturbation units (indices in model order; for timing
+    samples in bench/).
     """
     if method not in SCORE_METHODS:
         raise UserError(f"unknown score method {method!r}; choose one of {', '.join(SCORE_METHODS)}")
     if perturb not in PERTURBS:
         raise UserError(f"unknown perturbation scope {perturb!r}; choose tensor or group")
+    if difference not in DIFFERENCES:
+        raise UserError(f"unknown finite difference {difference!r}; choose {' or '.join(DIFFERENCES)}")
+    if memory not in MEMORY_MODES:
+        raise UserError(f"unknown memory mode {memory!r}; choose {' or '.join(MEMORY_MODES)}")
     if aggregate not in ("sum", "mean"):
         raise UserError(f"unknown aggregate {aggregate!r}; choose sum or mean")
     if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
         raise UserError(f"eps must be a positive number, got {eps!r}")
-    if num_noise < 1:
-        raise UserError(f"num_noise must be >= 1, got {num_noise}")
+    auto = num_noise == "auto"
+    if auto:
+        check_stability(stability)
+        if max_noise < 2:
+            raise UserError(f"--num-noise auto needs a budget of at least 2 directions per batch (two halves), "
+                            f"got {max_noise}: raise --max-noise")
+    elif not isinstance(num_noise, int) or num_noise < 1:
+        raise UserError(f"num_noise must be an integer >= 1 or 'auto', got {num_noise!r}")
     if variant not in FIRST_ORDER_VARIANTS:
         raise UserError(f"unknown first-order variant {variant!r}; choose one of {', '.join(FIRST_ORDER_VARIANTS)}")
     groups = score_groups(adapter, granularity, stacks)
     model = adapter.model
+    config: dict[str, Any] = {"method": method, "granularity": granularity}
     if method == "magnitude":
-        return {g: float(sum(model.get_parameter(w).detach().float().abs().sum() for w in ws))
-                for g, ws in groups.items()}
+        sc = {g: float(sum(model.get_parameter(w).detach().float().abs().sum() for w in ws))
+              for g, ws in groups.items()}
+        return ScoreResult(sc, config=config)
     if calibration is None:
         calibration = adapter.calibration_samples(samples, seed)
     batches = adapter.batches(list(calibration), batch_size)
     show = None if progress in (None, True) else True
-    if per_batch is not None:
-        per_batch[:] = [{g: 0.0 for g in groups} for _ in batches]
     if method == "first":
-        return _first_order(adapter, groups, batches, variant, show, per_batch)
+        draws = _first_order(adapter, groups, batches, variant, show, memory)
+        config.update(variant=variant, memory=memory, backward_passes=len(batches))
+        return _finish(draws, aggregate, {g: 1 for g in groups}, config)
     all_units: list[tuple[str, list[str]]] = []  # (group, weights perturbed together)
     for g, ws in groups.items():
         all_units += [(g, [w]) for w in ws] if perturb == "tensor" else [(g, list(ws))]
     all_units.sort(key=lambda u: _first_block_index(adapter, u[1]))  # model order, for the prefix cache
-    chosen = sorted(set(units)) if units is not None else range(len(all_units))
-    prefix = PrefixCache(adapter, batches) if cache else None
-    scores = {g: 0.0 for g in groups}
+    chosen = sorted(set(units)) if units is not None else list(range(len(all_units)))
     count = {g: 0 for g in groups}
+    for u in chosen:
+        count[all_units[u][0]] += 1
+    # draws[g][batch][k]: the group's contribution of direction k on that batch (summed over its units)
+    draws: dict[str, list[list[float]]] = {g: [[] for _ in batches] for g in groups}
+    forwards = {"perturbed": 0, "base": 0}
+    base = None
+    if method == "zeroth" and difference == "forward":
+        with torch.no_grad():
+            base = [_loss_value(adapter, b) for b in batches]
+        forwards["base"] = len(batches)
+    k_done = 0
+    k_next = 2 if auto else num_noise
+    while True:
+        _zeroth_pass(adapter, method, batches, all_units, chosen, range(k_done, k_next), draws, seed=seed, eps=eps,
+                     difference=difference, base=base, cache=cache, show=show, forwards=forwards)
+        k_done = k_next
+        if not auto:
+            break
+        res = _finish(draws, aggregate, count, {})
+        if res.stability is None or res.stability >= stability or k_done + 2 > max_noise:
+            break
+        k_next = k_done + 2
+    config.update(perturb=perturb, difference=difference if method == "zeroth" else None, eps=eps,
+                  num_noise=k_done, num_noise_requested=num_noise, units=len(chosen), forwards=forwards,
+                  cache=cache)
+    if auto:
+        config.update(stability_target=stability, max_noise=max_noise)
+    return _finish(draws, aggregate, count, config)
+
+
+def check_stability(value) -> float:
+    if not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= 1:
+        raise UserError(f"--stability must be in (0, 1], got {value!r}: for example 0.9")
+    return float(value)
+
+
+def _zeroth_pass(adapter, method, batches, all_units, chosen, directions, draws, *, seed, eps, difference, base,
+                 cache, show, forwards) -> None:
+    """One pass over the units (model order) for noise directions ``directions``; adds to ``draws``."""
+    model = adapter.model
+    directions = list(directions)
+    prefix = PrefixCache(adapter, batches) if cache else None
     bar = tqdm(total=len(chosen) * len(batches), desc=f"{method} scores", disable=show, leave=False)
     with _math_attention(adapter, method == "jvp"):
         for u in chosen:
             g, ws = all_units[u]
             params = [model.get_parameter(w) for w in ws]
             start = _first_block_index(adapter, ws) if cache else 0
-            count[g] += 1
             for bi, batch in enumerate(batches):
-                est = 0.0
-                for k in range(num_noise):
+                row = draws[g][bi]
+                while len(row) < directions[-1] + 1:
+                    row.append(0.0)
+                for k in directions:
                     s = _noise_seed(seed, bi, u, k)
                     ctx = prefix.prefix(bi, start) if prefix is not None else _null()
                     with ctx:
-                        if method == "zeroth":
-                            d = _two_point(adapter, batch, params, s, eps)
-                        else:
+                        if method == "jvp":
                             d = _jvp(adapter, batch, ws, s)
-                    est += abs(d)
-                scores[g] += est / num_noise
-                if per_batch is not None:
-                    per_batch[bi][g] += est / num_noise
+                            forwards["perturbed"] += 1
+                        elif difference == "forward":
+                            d = _one_point(adapter, batch, params, s, eps, base[bi])
+                            forwards["perturbed"] += 1
+                        else:
+                            d = _two_point(adapter, batch, params, s, eps)
+                            forwards["perturbed"] += 2
+                    row[k] += abs(d)
                 bar.update(1)
     bar.close()
+
+
+def _finish(draws: dict[str, list[list[float]]], aggregate: str, count: Mapping[str, int],
+            config: dict[str, Any]) -> ScoreResult:
+    """Scores, per-batch contributions, standard errors and split-half stability from the draws."""
+    groups = list(draws)
+    n_batches = len(next(iter(draws.values()))) if draws else 0
+    per_batch = [{g: float(np.mean(draws[g][b])) if draws[g][b] else 0.0 for g in groups} for b in range(n_batches)]
+    scores = {g: sum(pb[g] for pb in per_batch) for g in groups}
+    # the score is a sum of per-batch terms: SE = sqrt(B) * sd of the per-batch terms
+    stderr = {g: float(np.std([pb[g] for pb in per_batch], ddof=1) * math.sqrt(n_batches)) if n_batches > 1
+              else float("nan") for g in groups}
+    n_dirs = min((len(draws[g][b]) for g in groups for b in range(n_batches)), default=0)
+    if n_dirs >= 2:
+        split = "even/odd noise directions"
+        half = [{g: sum(np.mean(draws[g][b][h::2]) for b in range(n_batches)) for g in groups} for h in (0, 1)]
+    elif n_batches >= 2:
+        split = "even/odd batches"
+        half = [{g: sum(draws[g][b][0] if draws[g][b] else 0.0 for b in range(h, n_batches, 2)) for g in groups}
+                for h in (0, 1)]
+    else:
+        split, half = None, None
+    stability = None
+    if half is not None and len(groups) >= 3:
+        from scipy.stats import spearmanr
+
+        rho = spearmanr([half[0][g] for g in groups], [half[1][g] for g in groups])[0]
+        stability = float(rho) if math.isfinite(rho) else None
     if aggregate == "mean":
-        scores = {g: v / count[g] for g, v in scores.items()}
+        scores = {g: v / max(count[g], 1) for g, v in scores.items()}
+        stderr = {g: v / max(count[g], 1) for g, v in stderr.items()}
     bad = [g for g, v in scores.items() if not math.isfinite(v)]
     if bad:
         raise CalibrationError(f"non-finite scores for groups {bad[:5]}: run in float32 or lower eps")
-    return scores
+    return ScoreResult(scores, per_batch, draws, stderr, stability, split, config)
 
 
 @contextmanager
@@ -284,6 +436,14 @@ def _loss_value(adapter: ModelAdapter, batch) -> float:
     if not math.isfinite(v):
         raise CalibrationError(f"the calibration loss of {adapter.name} is {v}: run in float32 or check the data")
     return v
+
+
+def _one_point(adapter, batch, params, seed: int, eps: float, base: float) -> float:
+    """Forward difference (L(W + eps z) - L(W)) / eps, with L(W) of this batch computed once beforehand."""
+    with torch.no_grad():
+        with perturbed(params, seed, eps):
+            lp = _loss_value(adapter, batch)
+    return (lp - base) / eps
 
 
 def _two_point(adapter, batch, params, seed: int, eps: float) -> float:
@@ -376,30 +536,80 @@ def count_units(adapter: ModelAdapter, granularity: str = "block", perturb: str 
     return sum(len(ws) for ws in groups.values()) if perturb == "tensor" else len(groups)
 
 
-def _first_order(adapter, groups, batches, variant, show, per_batch=None) -> dict[str, float]:
+def _reduce_grad(p: torch.Tensor, g: torch.Tensor, variant: str) -> float:
+    """What a first-order score keeps of one tensor's gradient on one batch."""
+    if variant == "grad":
+        return float(g.float().abs().sum())
+    if variant == "weight_grad":
+        return float((p.detach().float() * g.float()).abs().sum())
+    return float((g.float() ** 2).sum())  # grad_norm: squared norm, combined per group below
+
+
+def _first_order(adapter, groups, batches, variant, show, memory="plain") -> dict[str, list[list[float]]]:
+    """Per group and batch, the first-order score (one draw per batch). ``memory="low"``: block
+    checkpointing plus gradients reduced and freed as they are accumulated (see :func:`low_memory_backward`)."""
     model = adapter.model
-    names = {w for ws in groups.values() for w in ws}
-    scores = {g: 0.0 for g in groups}
-    with _grads_only_for(model, names):
-        for bi, batch in enumerate(tqdm(batches, desc="first-order scores", disable=show, leave=False)):
-            for w in names:
-                model.get_parameter(w).grad = None
-            loss = adapter.loss(batch)
-            if not torch.isfinite(loss):
-                raise CalibrationError(f"the calibration loss of {adapter.name} is {float(loss)}: run in float32")
-            loss.backward()
+    names = [w for ws in groups.values() for w in ws]
+    draws: dict[str, list[list[float]]] = {g: [] for g in groups}
+    with _grads_only_for(model, set(names)):
+        for batch in tqdm(batches, desc="first-order scores", disable=show, leave=False):
+            per_tensor: dict[str, float] = {}
+            if memory == "low":
+                with low_memory_backward(adapter, names, lambda p, g, w: per_tensor.__setitem__(
+                        w, per_tensor.get(w, 0.0) + _reduce_grad(p, g, variant))):
+                    loss = adapter.low_memory_loss(batch)
+                    _check_loss(adapter, loss)
+                    loss.backward()
+            else:
+                for w in names:
+                    model.get_parameter(w).grad = None
+                loss = adapter.loss(batch)
+                _check_loss(adapter, loss)
+                loss.backward()
+                for w in names:
+                    p = model.get_parameter(w)
+                    per_tensor[w] = _reduce_grad(p, p.grad, variant) if p.grad is not None else 0.0
+                    p.grad = None
             for g, ws in groups.items():
-                ps = [model.get_parameter(w) for w in ws]
-                if variant == "grad":
-                    v = sum(p.grad.float().abs().sum() for p in ps)
-                elif variant == "weight_grad":
-                    v = sum((p.detach().float() * p.grad.float()).abs().sum() for p in ps)
-                else:
-                    v = torch.sqrt(sum((p.grad.float() ** 2).sum() for p in ps))
-                scores[g] += float(v)
-                if per_batch is not None:
-                    per_batch[bi][g] += float(v)
-    return scores
+                v = sum(per_tensor.get(w, 0.0) for w in ws)
+                draws[g].append([math.sqrt(v) if variant == "grad_norm" else v])
+    return draws
+
+
+def _check_loss(adapter, loss) -> None:
+    if not torch.isfinite(loss):
+        raise CalibrationError(f"the calibration loss of {adapter.name} is {float(loss)}: run in float32")
+
+
+@contextmanager
+def low_memory_backward(adapter: ModelAdapter, names: Sequence[str], reduce) -> Iterator[None]:
+    """Inside the ``with``, a backward pass keeps about the memory of a forward pass.
+
+    * Block checkpointing: every block of ``adapter.blocks`` runs under ``torch.utils.checkpoint`` (non-reentrant),
+      so only each block's input is kept and the block is recomputed during the backward pass.
+    * Each weight in ``names`` gets a ``register_post_accumulate_grad_hook``: as soon as its gradient is
+      accumulated, ``reduce(param, grad, name)`` keeps what the score needs and the gradient is freed.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    model = adapter.model
+    with ExitStack() as es:
+        for b in adapter.blocks:
+            fwd = b.module.forward
+
+            def wrapped(*args, _f=fwd, **kwargs):
+                return checkpoint(_f, *args, use_reentrant=False, **kwargs)
+
+            es.enter_context(replaced_forward(b.module, wrapped))
+        for w in names:
+            p = model.get_parameter(w)
+
+            def hook(param, _w=w):
+                reduce(param, param.grad, _w)
+                param.grad = None
+
+            es.enter_context(hooks(p.register_post_accumulate_grad_hook(hook)))
+        yield
 
 
 # --------------------------------------------------------------------------- OWL

@@ -237,13 +237,13 @@ def test_cli_ecoflap_on_tiny_blip2_t5(tmp_path):
     out = tmp_path / "run"
     assert main(["prune", "--model", "tiny-blip2-t5", "--allocation", "ecoflap", "--scores", "zeroth",
                  "--sparsity", "0.6", "--out", str(out), "--no-progress"]) == 0
-    table = json.loads((out / "scores.json").read_text())
+    table = json.loads((out / "scores.json").read_text())["groups"]
     vis = {round(v["sparsity"], 4) for v in table.values() if v["modality"] == "vision"}
     lang = {round(v["sparsity"], 4) for v in table.values() if v["modality"] == "language"}
     assert vis and lang and vis != lang
     assert max(v["sparsity"] for v in table.values()) <= 0.7 + 1e-9
     for v in table.values():
-        assert {"score", "size", "stack", "modality", "sparsity"} <= set(v)
+        assert {"score", "stderr", "size", "stack", "modality", "sparsity"} <= set(v)
     cfg = json.loads((out / "pruning_config.json").read_text())
     assert abs(cfg["actual_sparsity"] - 0.6) <= 0.005
     res = json.loads((out / "resources.json").read_text())
