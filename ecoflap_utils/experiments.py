@@ -37,10 +37,19 @@ BOOKKEEPING = ("n", "tokens", "windows", "window", "stride", "n_images", "n_text
 
 
 def record(model: str, method: str, sparsity: float, task: str, metrics: Mapping[str, Any],
-           resources: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """One results record in the project's schema."""
-    return {"model": model, "method": method, "sparsity": float(sparsity), "task": task, "metrics": dict(metrics),
-            "resources": dict(resources or {}), "config": dict(config or {})}
+           resources: Mapping[str, Any] | None = None, config: Mapping[str, Any] | None = None, *,
+           intervals: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One results record in the project's schema: ``{"model", "method", "sparsity", "task", "metrics",
+    "resources", "config"}``, plus ``"intervals": {metric: [low, high]}`` (95 % bootstrap over the evaluation
+    items, :mod:`ecoflap_utils.intervals`) when ``intervals`` holds any."""
+    from .evaluate import clean_intervals
+
+    rec = {"model": model, "method": method, "sparsity": float(sparsity), "task": task, "metrics": dict(metrics)}
+    iv = clean_intervals(intervals)
+    if iv:
+        rec["intervals"] = iv
+    rec.update(resources=dict(resources or {}), config=dict(config or {}))
+    return rec
 
 
 @contextmanager
@@ -53,15 +62,26 @@ def restored(adapter: ModelAdapter) -> Iterator[ModelAdapter]:
         adapter.model.load_state_dict(saved)
 
 
-def evaluate_task(adapter: ModelAdapter, task: str | None = None, data=None, limit: int | None = None,
-                  **kw) -> dict[str, Any]:
-    """Evaluate on ``task`` (default: the model's own) with ``ecoflap_utils.evaluate``; returns the metrics."""
+def evaluate_task_with_intervals(adapter: ModelAdapter, task: str | None = None, data=None,
+                                 limit: int | None = None, **kw) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """:func:`evaluate_task` and the 95 % intervals of its headline metric: ``(metrics, intervals)``, with
+    ``intervals = {metric: [low, high]}`` (empty when the evaluator gave none), ready for ``record(...,
+    intervals=intervals)``."""
     from . import evaluate
 
     out = evaluate.evaluate(adapter, task, data=data, limit=limit, progress=False, **kw)
+    intervals = out.get("intervals") if isinstance(out, dict) else None
     out = out.get("metrics", out) if isinstance(out, dict) and "metrics" in out else out
-    return {k: float(v) for k, v in out.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in BOOKKEEPING}
+    metrics = {k: float(v) for k, v in out.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in BOOKKEEPING}
+    return metrics, evaluate.clean_intervals(intervals, metrics)
+
+
+def evaluate_task(adapter: ModelAdapter, task: str | None = None, data=None, limit: int | None = None,
+                  **kw) -> dict[str, Any]:
+    """Evaluate on ``task`` (default: the model's own) with ``ecoflap_utils.evaluate``; returns the metrics
+    (floats). :func:`evaluate_task_with_intervals` also returns their intervals."""
+    return evaluate_task_with_intervals(adapter, task, data, limit, **kw)[0]
 
 
 def coarse_scores(adapter: ModelAdapter, scores: str, *, calibration=None, samples: int = 32, batch_size: int = 8,
@@ -82,12 +102,26 @@ def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities:
                    first_stage_samples: int = 32, batch_size: int = 8, seed: int = 0, granularity: str = "block",
                    max_sparsity_margin: float = 0.1, include_dense: bool = True, progress: bool | None = None,
                    eval_kw: Mapping[str, Any] | None = None,
-                   score_cache: dict[str, tuple[dict, dict]] | None = None) -> list[dict[str, Any]]:
+                   score_cache: dict[str, tuple[dict, dict]] | None = None, protocol: str | None = None,
+                   calibration: str | None = None) -> list[dict[str, Any]]:
     """Dense, then every method at every sparsity: prune a restored copy, evaluate, record (ECoFLaP Tables 1-3).
+
+    Each record carries ``"intervals"``: the 95 % bootstrap interval of the task's headline metric over the
+    evaluation items (sampling variation of those items only; calibration uses the one ``seed``).
 
     Coarse-stage scores are computed once per score method and reused across sparsities. Pass a dict as
     ``score_cache`` to reuse them afterwards (keys ``"zeroth"``, ``"first"``, ``"owl"``: ``(scores, resources)``,
     computed on ``first_stage_samples`` samples with the default eps and noise).
+
+    ``calibration``: a path read with :func:`ecoflap_utils.data.calibration.load_calibration` (``calib_samples``
+    items for the fine stage, ``first_stage_samples`` for the coarse stage, ``seed``); records carry its
+    ``{"path", "format", "count", "seed", "ids_sha256", ...}`` under ``config.calibration``.
+    ``protocol="paper"``: each method runs with the official code's settings for the model's family
+    (:func:`ecoflap_utils.protocol.paper_settings`): they replace ``calib_samples``, ``first_stage_samples``,
+    ``batch_size``, ``granularity`` and ``max_sparsity_margin`` (0.1), and set the comparison and the zeroth- /
+    first-order estimator (for a causal LM, ``adapter.seq_len`` is set to 2048); records carry ``config.protocol``
+    and ``config.protocol_settings``. Score caches are
+    keyed per protocol (``"zeroth|paper"``).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -99,36 +133,81 @@ def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities:
     records = []
     if include_dense:
         with track(str(adapter.input_device())) as r:
-            m = evaluate_task(adapter, task, data, limit, **eval_kw)
-        records.append(record(adapter.name, "dense", 0.0, task, m, {"eval": dict(r)}))
-    calib = adapter.calibration_samples(calib_samples, seed)
-    first_calib = adapter.calibration_samples(first_stage_samples, seed)
-    groups = score_groups(adapter, granularity)
-    sizes = {g: v["size"] for g, v in group_info(adapter, groups).items()}
+            m, iv = evaluate_task_with_intervals(adapter, task, data, limit, **eval_kw)
+        records.append(record(adapter.name, "dense", 0.0, task, m, {"eval": dict(r)}, intervals=iv))
+    from . import protocol as P
+
+    protocol = P.check_protocol(protocol)
+    if protocol is not None and getattr(adapter, "family", None) == "causal_lm":
+        adapter.seq_len = P.paper_settings("causal_lm", method="wanda", allocation="uniform", scores="zeroth")[0][
+            "seq_len"]
+    calib_cache: dict[int, tuple[list, Any]] = {}
+
+    def samples(n: int) -> tuple[list, Any]:
+        if n not in calib_cache:
+            if calibration is not None:
+                from .data.calibration import load_calibration
+
+                calib_cache[n] = load_calibration(adapter, calibration, n=n, seed=seed)
+            else:
+                calib_cache[n] = (adapter.calibration_samples(n, seed), adapter.calibration_name)
+        return calib_cache[n]
+
+    def settings(spec: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        if protocol is None:
+            return ({"calib_samples": calib_samples, "first_stage_samples": first_stage_samples,
+                     "batch_size": batch_size, "first_stage_batch_size": batch_size, "granularity": granularity,
+                     "comparison": "row", "max_sparsity_margin": max_sparsity_margin, "score_kw": {}},
+                    {"protocol": None})
+        ps, notes = P.paper_settings(adapter.family, method=spec["method"], allocation=spec["allocation"],
+                                     scores=spec.get("scores", "zeroth"),
+                                     stacks=list(adapter.default_stacks or adapter.stacks()))
+        score_kw = {k: ps[k] for k in ("perturb", "difference", "eps", "num_noise")}
+        if spec.get("scores") == "first":
+            score_kw = {"variant": ps.get("variant", "grad")}
+        return ({"calib_samples": ps["calib_samples"], "first_stage_samples": ps["first_stage_samples"],
+                 "batch_size": ps["batch_size"], "first_stage_batch_size": ps["first_stage_batch_size"],
+                 "granularity": ps["granularity"], "comparison": ps["comparison"], "max_sparsity_margin": 0.1,
+                 "score_kw": score_kw},
+                {"protocol": protocol, "protocol_settings": ps, "protocol_notes": notes})
+
     score_cache = {} if score_cache is None else score_cache
     jobs = [(name, s) for name in methods for s in sparsities]
     for name, s in tqdm(jobs, desc=f"sweep {adapter.name}", disable=None if progress in (None, True) else True):
         spec = METHODS[name]
+        cfg, proto_rec = settings(spec)
         resources: dict[str, Any] = {}
+        calib_rec: dict[str, Any] = {}
         with restored(adapter):
             target: Any = s
             if spec["allocation"] != "uniform":
+                groups = score_groups(adapter, cfg["granularity"])
+                sizes = {g: v["size"] for g, v in group_info(adapter, groups).items()}
                 key = spec.get("scores", "owl") if spec["allocation"] != "owl" else "owl"
-                if key not in score_cache:
-                    score_cache[key] = coarse_scores(adapter, key, calibration=first_calib, batch_size=batch_size,
-                                                     granularity=granularity, seed=seed, progress=False)
-                sc, resources["scores"] = score_cache[key]
+                first_calib, calib_rec["first_stage"] = samples(cfg["first_stage_samples"])
+                cache_key = key if protocol is None else f"{key}|{protocol}"
+                if cache_key not in score_cache:
+                    score_cache[cache_key] = coarse_scores(
+                        adapter, key, calibration=first_calib, batch_size=cfg["first_stage_batch_size"],
+                        granularity=cfg["granularity"], seed=seed, progress=False,
+                        **(cfg["score_kw"] if key != "owl" else {}))
+                sc, resources["scores"] = score_cache[cache_key]
                 gs = allocate_sparsity(sc, sizes, s, method=spec["allocation"],
-                                       max_sparsity=min(s + max_sparsity_margin, 0.99))
+                                       max_sparsity=min(s + cfg["max_sparsity_margin"], 0.99))
                 target = expand_to_layers(gs, groups)
+            calib = None
+            if spec["method"] != "magnitude":
+                calib, calib_rec["fine"] = samples(cfg["calib_samples"])
             with track(str(adapter.input_device())) as r:
-                res = prune(adapter, target, method=spec["method"], calibration=calib, batch_size=batch_size,
-                            seed=seed, return_masks=False, progress=False)
+                res = prune(adapter, target, method=spec["method"], calibration=calib, batch_size=cfg["batch_size"],
+                            seed=seed, comparison=cfg["comparison"], return_masks=False, progress=False)
             resources["fine"] = dict(r)
-            m = evaluate_task(adapter, task, data, limit, **eval_kw)
-        records.append(record(adapter.name, name, s, task, m, resources,
-                              {**spec, "actual_sparsity": res.actual_sparsity, "calib_samples": calib_samples,
-                               "first_stage_samples": first_stage_samples, "seed": seed}))
+            m, iv = evaluate_task_with_intervals(adapter, task, data, limit, **eval_kw)
+        conf = {**spec, "actual_sparsity": res.actual_sparsity, "calib_samples": cfg["calib_samples"],
+                "first_stage_samples": cfg["first_stage_samples"], "seed": seed, **proto_rec}
+        if calibration is not None:
+            conf["calibration"] = calib_rec
+        records.append(record(adapter.name, name, s, task, m, resources, conf, intervals=iv))
     return records
 
 
@@ -154,9 +233,9 @@ def stack_sensitivity(adapter: ModelAdapter, *, sparsities: Sequence[float], met
                 if s > 0:
                     prune(adapter, s, method=method, calibration=calib, stacks=stacks, return_masks=False,
                           progress=False)
-                m = evaluate_task(adapter, task, data, limit, **(eval_kw or {}))
-            out.append(record(adapter.name, f"{method} ({key} only)", s, task, m, config={"pruned": key,
-                                                                                          "stacks": stacks}))
+                m, iv = evaluate_task_with_intervals(adapter, task, data, limit, **(eval_kw or {}))
+            out.append(record(adapter.name, f"{method} ({key} only)", s, task, m,
+                              config={"pruned": key, "stacks": stacks}, intervals=iv))
     return out
 
 

@@ -23,6 +23,8 @@ from .stats import input_statistics, wanda_scores  # noqa: F401  (re-exported: p
 
 METHODS = ("wanda", "sparsegpt", "magnitude")
 COMPARISONS = ("row", "matrix")
+#: one threshold over every pruned weight of the model (magnitude only): the official BLIP-2 magnitude baseline
+GLOBAL = "global"
 
 
 # --------------------------------------------------------------------------- input validation
@@ -119,6 +121,72 @@ def select_prune_mask(scores: torch.Tensor, sparsity: float, *, nm: tuple[int, i
     raise UserError(f"unknown comparison {comparison!r}; choose row or matrix")
 
 
+def check_comparison(comparison: str | Mapping[str, str], method: str, stacks: Sequence[str] | None = None,
+                     nm: tuple[int, int] | None = None) -> str | dict[str, str]:
+    """Check ``comparison``: ``"row"``, ``"matrix"``, ``"global"`` (magnitude only) or ``{stack: "row"|"matrix"}``.
+
+    ``stacks`` are the adapter's stacks (a dict's keys must be among them; the caller checks coverage).
+    """
+    if isinstance(comparison, Mapping):
+        bad = {k: v for k, v in comparison.items() if v not in COMPARISONS}
+        if bad:
+            k = next(iter(bad))
+            raise UserError(f"comparison of stack {k!r} is {bad[k]!r}; per-stack comparisons are row or matrix")
+        if stacks is not None:
+            unknown = [k for k in comparison if k not in stacks]
+            if unknown:
+                raise UserError(f"per-stack comparison names stack {unknown[0]!r}, which this model does not have; "
+                                f"its stacks are {', '.join(stacks)}")
+        return dict(comparison)
+    if comparison == GLOBAL:
+        if method != "magnitude":
+            raise UserError(f"comparison 'global' (one threshold over all layers) needs --method magnitude, not "
+                            f"{method}: use row or matrix with {method}")
+        if nm is not None:
+            raise UserError("comparison 'global' cannot follow an N:M pattern: N:M picks N of every M weights of a row")
+        return GLOBAL
+    if comparison not in COMPARISONS:
+        raise UserError(f"unknown comparison {comparison!r}; choose row, matrix, global (magnitude) or "
+                        "STACK=row|matrix,... per stack")
+    return comparison
+
+
+def _abs_bits(w: torch.Tensor) -> torch.Tensor:
+    """|w| in float32 viewed as int32: for non-negative floats the integer order is the value order."""
+    return w.detach().float().abs().contiguous().view(torch.int32)
+
+
+def global_magnitude_masks(weights: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
+    """Prune masks (``True`` = pruned) for one magnitude threshold over all ``weights`` together.
+
+    Exactly floor(s * N_total) weights are pruned: those with the smallest |W|; ties at the threshold go in
+    order of position (tensor order, then flattened index). The k-th smallest |W| is found by bisection on
+    float32 bit patterns (about 31 counting passes), so nothing of the size of the model is concatenated or
+    sorted. Ranks |W|, not signed W (the official BLIPT5GlobalMagPruner's signed ranking is a bug).
+    """
+    total = sum(w.numel() for w in weights)
+    k = int(sparsity * total)
+    masks = [torch.zeros(w.shape, dtype=torch.bool, device=w.device) for w in weights]
+    if k <= 0:
+        return masks
+    lo, hi = 0, 0x7F800000  # 0.0 .. +inf
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if sum(int((_abs_bits(w) <= mid).sum()) for w in weights) >= k:
+            hi = mid
+        else:
+            lo = mid + 1
+    left = k - sum(int((_abs_bits(w) < lo).sum()) for w in weights)
+    for w, m in zip(weights, masks):
+        bits = _abs_bits(w)
+        m |= bits < lo
+        if left > 0:
+            ties = (bits == lo).flatten().nonzero().flatten()[:left]
+            m.view(-1)[ties] = True
+            left -= ties.numel()
+    return masks
+
+
 def sparsegpt_prune(weight: torch.Tensor, hessian: torch.Tensor, sparsity: float, *,
                     nm: tuple[int, int] | None = None, blocksize: int = 128, percdamp: float = 0.01
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -200,19 +268,30 @@ def prune(adapter: ModelAdapter, sparsity: float | Mapping[str, float] | None = 
     """Prune ``adapter``'s model in place, block by block (ECoFLaP Sec. 3.3; Wanda Alg. 1; SparseGPT Alg. 1).
 
     ``sparsity`` is one float for every pruned layer or ``{weight name: sparsity}`` (for example ECoFLaP's
-    allocation expanded to layers). ``calibration`` is a list of samples (``adapter.calibration_samples``);
+    allocation expanded to layers). ``comparison`` (Wanda and magnitude): ``"row"``, ``"matrix"``, a dict
+    ``{stack: "row"|"matrix"}`` covering every pruned stack (the official BLIP-2 code: matrix on the vision
+    encoder, row on the LM), or ``"global"`` with magnitude: one |W| threshold over all pruned layers at one
+    sparsity, exactly floor(s * N_total) weights. ``calibration`` is a list of samples
+    (``adapter.calibration_samples``);
     when ``None``, ``calib_samples`` are drawn with ``seed``. ``stacks`` chooses what is pruned
     (default: the adapter's default stacks, the vision encoder and the language model for BLIP-2).
     """
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    if comparison not in COMPARISONS:
-        raise UserError(f"unknown comparison {comparison!r}; choose row or matrix")
     nm_t = parse_nm(nm)
+    comparison = check_comparison(comparison, method, adapter.stacks(), nm_t)
     per_layer = resolve_sparsity(adapter, sparsity, nm_t, stacks)
     to_prune = {k: v for k, v in per_layer.items() if v > 0}
     block_of = adapter.block_of()
     blocks_needed = {block_of[k].name for k in to_prune}
+    if isinstance(comparison, dict):
+        missing = sorted({block_of[k].stack for k in to_prune} - set(comparison))
+        if missing:
+            raise UserError(f"the per-stack comparison does not say how to compare stack {missing[0]!r}: "
+                            f"add {missing[0]}=row or {missing[0]}=matrix")
+
+    def comparison_of(stack: str) -> str:
+        return comparison[stack] if isinstance(comparison, dict) else comparison
     result = PruneResult(config={
         "method": method, "nm": f"{nm_t[0]}:{nm_t[1]}" if nm_t else None, "comparison": comparison,
         "seed": seed, "calibration": adapter.calibration_name, "batch_size": batch_size,
@@ -229,10 +308,22 @@ def prune(adapter: ModelAdapter, sparsity: float | Mapping[str, float] | None = 
         if return_masks:
             result.masks[name] = (~prune_mask).cpu()
 
-    if method == "magnitude":
+    if method == "magnitude" and comparison == GLOBAL:
+        levels = sorted(set(per_layer.values()))
+        if len(levels) > 1:
+            raise UserError("comparison 'global' sets one threshold at one sparsity over all layers, but the "
+                            f"layers ask for {len(levels)} different sparsities: use --allocation uniform")
+        if to_prune:
+            names = list(to_prune)
+            masks = global_magnitude_masks([model.get_parameter(n) for n in names], levels[0])
+            for name, m in zip(names, masks):
+                apply(name, m)
+        result.config["calib_samples"] = 0
+    elif method == "magnitude":
         for name, s in tqdm(to_prune.items(), desc="magnitude", disable=show, leave=False):
             w = model.get_parameter(name)
-            apply(name, select_prune_mask(w.detach().float().abs(), s, nm=nm_t, comparison=comparison))
+            apply(name, select_prune_mask(w.detach().float().abs(), s, nm=nm_t,
+                                          comparison=comparison_of(block_of[name].stack)))
         result.config["calib_samples"] = 0
     else:
         if calibration is None:
@@ -248,8 +339,8 @@ def prune(adapter: ModelAdapter, sparsity: float | Mapping[str, float] | None = 
                     continue
                 stack_blocks = adapter.stack_blocks(stack)
                 stack_blocks = stack_blocks[: stack_blocks.index(needed[-1]) + 1]  # nothing after the last needed
-                _prune_stack(adapter, stack_blocks, batches, to_prune, method, nm_t, comparison, blocksize,
-                             percdamp, apply, show)
+                _prune_stack(adapter, stack_blocks, batches, to_prune, method, nm_t, comparison_of(stack),
+                             blocksize, percdamp, apply, show)
     result.report = sparsity_report(adapter, per_layer)
     return result
 
