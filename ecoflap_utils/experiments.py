@@ -103,7 +103,7 @@ def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities:
                    max_sparsity_margin: float = 0.1, include_dense: bool = True, progress: bool | None = None,
                    eval_kw: Mapping[str, Any] | None = None,
                    score_cache: dict[str, tuple[dict, dict]] | None = None, protocol: str | None = None,
-                   calibration: str | None = None) -> list[dict[str, Any]]:
+                   calibration: str | None = None, perturb: str = "tensor") -> list[dict[str, Any]]:
     """Dense, then every method at every sparsity: prune a restored copy, evaluate, record (ECoFLaP Tables 1-3).
 
     Each record carries ``"intervals"``: the 95 % bootstrap interval of the task's headline metric over the
@@ -122,6 +122,9 @@ def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities:
     first-order estimator (for a causal LM, ``adapter.seq_len`` is set to 2048); records carry ``config.protocol``
     and ``config.protocol_settings``. Score caches are
     keyed per protocol (``"zeroth|paper"``).
+    ``perturb``: the zeroth-order estimator without a protocol: ``"tensor"`` (the paper's) or ``"group"`` (one
+    direction per block: about T times fewer forwards for T tensors per block, a different estimator; the
+    default grid uses it where the per-tensor pass would not fit its time, and the notebook says so).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -157,8 +160,9 @@ def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities:
         if protocol is None:
             return ({"calib_samples": calib_samples, "first_stage_samples": first_stage_samples,
                      "batch_size": batch_size, "first_stage_batch_size": batch_size, "granularity": granularity,
-                     "comparison": "row", "max_sparsity_margin": max_sparsity_margin, "score_kw": {}},
-                    {"protocol": None})
+                     "comparison": "row", "max_sparsity_margin": max_sparsity_margin,
+                     "score_kw": {"perturb": perturb} if spec.get("scores", "zeroth") == "zeroth" else {}},
+                    {"protocol": None, **({"perturb": perturb} if spec["allocation"] == "ecoflap" else {})})
         ps, notes = P.paper_settings(adapter.family, method=spec["method"], allocation=spec["allocation"],
                                      scores=spec.get("scores", "zeroth"),
                                      stacks=list(adapter.default_stacks or adapter.stacks()))
