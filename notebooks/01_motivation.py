@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 
-from ecoflap_utils import experiments as ex, load_model, plots, report
+from ecoflap_utils import experiments as ex, lessons, load_model, plots, report
 from ecoflap_utils.io import write_json_atomic
 from ecoflap_utils.report import format_table, summarize
 plots.set_style()
@@ -64,6 +64,44 @@ plots.save(fig, OUT_DIR, "01_distributions")
 pd.DataFrame({mod: {f"median {k}": float(pd.Series(v[k]).median()) for k in v} for mod, v in stats.items()})
 
 # %% [markdown]
+# ## Local scores per layer: the real BLIP-2 and this model
+#
+# The authors also plotted one number per weight tensor of the real BLIP-2 Flan-T5-XL, its *local
+# score*. In their code (github `ylsung/ECoFLaP`, commit 59dac0a, `LAVIS/`) the Wanda score of a layer
+# is W_metric = |W| · sqrt(scaler_row) (`lavis/compression/pruners/wanda_pruner.py`, lines 260 and 541),
+# where scaler_row_j is the sum over calibration tokens of x_j² divided by the number of calibration
+# samples (`WrappedGPT.add_batch`, lines 71-84). Its mean over the tensor (the commented-out `setattr(...,
+# "importance_score", W_metric.cpu().abs().mean().item())`, lines 262 and 543; SparseGPT's is the mean
+# of W² / diag(H⁻¹)², `sparsegpt_pruner.py` lines 166-168) was saved per parameter to
+# `importance_scores/*.pth` (`evaluate_blip.py` lines 474-479) and plotted per layer by `LAVIS/plot.py`
+# (`wanda()` and `sparsegpt()`, lines 322-457, y label "Local Score of Wanda"; layer order from
+# `compare()`, lines 11-23). The statistics were gathered while pruning block by block at sparsity 0.5.
+#
+# The two files in `data/official/` are those scores (588 tensors: 156 vision, 432 language), copied
+# from `LAVIS/importance_scores/cc3m-blipt5_{wanda,sparsegpt}_pruner_0.5-1.0-1.0.pth` of that
+# repository, which is under the MIT license (Copyright (c) 2022 Yi-Lin Sung; the license is
+# `data/official/LICENSE-ECoFLaP`). No model is needed to plot them. Beside them,
+# `lessons.local_wanda_scores` computes the same quantity for the model this notebook runs, in the
+# same way (uniform Wanda at 0.5, scores taken before each layer is pruned, weights restored after).
+
+# %%
+official = {m: pd.DataFrame(lessons.official_local_scores(m)) for m in ("wanda", "sparsegpt")}
+ours = lessons.local_wanda_scores(model, model.calibration_samples(CALIB_SAMPLES, SEED), sparsity=0.5)
+panels = {("blip2-flan-t5-xl", "wanda (authors' file)"): official["wanda"],
+          ("blip2-flan-t5-xl", "sparsegpt (authors' file)"): official["sparsegpt"],
+          (model.name, "wanda (this run)"): pd.DataFrame(lessons.local_score_rows(model, ours))}
+colour = {"vision": plots.OKABE_ITO[0], "language": plots.OKABE_ITO[1]}
+fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+for ax, ((name, method), df) in zip(axes, panels.items()):
+    for mod, g in df.groupby("modality", sort=False):
+        ax.scatter(g.layer, g.score, s=8, color=colour.get(mod, "grey"), label=mod)
+    ax.set(yscale="log", xlabel="layer index (model order)", ylabel="local score", title=f"{name}: {method}")
+    ax.legend()
+plots.save(fig, OUT_DIR, "01_local_scores")
+local = [ex.record(n, m, 0.5, "local_scores", lessons.modality_medians(df.to_dict("records"))) for (n, m), df in panels.items()]
+pd.DataFrame([{"model": r["model"], "scores": r["method"], **r["metrics"]} for r in local])
+
+# %% [markdown]
 # ## Uniform layer-wise pruning, one module at a time
 #
 # Now prune *only* the vision blocks, or *only* the language blocks, with uniform Wanda, and measure the
@@ -85,7 +123,7 @@ ax.set_title(f"{model.name}: pruning one module at a time")
 plots.save(fig, OUT_DIR, "01_sensitivity")
 
 # %%
-write_json_atomic(f"{OUT_DIR}/results.json", [dense] + sens)
+write_json_atomic(f"{OUT_DIR}/results.json", [dense] + sens + local)
 print(f"results and figures in {OUT_DIR}")
 
 # %% [markdown]
@@ -103,11 +141,21 @@ print(f"results and figures in {OUT_DIR}")
 # the rows differ, the *right* sparsity depends on the module, and a layer-wise pruner cannot see
 # that, since it only compares weights inside one layer. The next notebooks compute a global,
 # loss-aware score per block cheaply (02) and turn it into per-block sparsities (03).
+#
+# The second table holds the local scores per layer: for the authors' BLIP-2 Flan-T5-XL files and for
+# this run's model, the median local score of the vision and of the language layers and their ratio
+# (the last sentences). A local score is only compared *within* a layer by Wanda or SparseGPT, so a
+# ratio far from 1 means the two modules' scores live on different scales: one threshold for all
+# layers would prune one module much harder than the other.
 
 # %%
 records = report.load_records(OUT_DIR)
-print(report.save_headline(records, OUT_DIR))  # also headline.csv and headline.md in OUT_DIR
+local = [r for r in records if r["task"] == "local_scores"]
+print(report.save_headline([r for r in records if r not in local], OUT_DIR))  # also headline.csv and headline.md
+print(report.headline_markdown(local, columns="metric", floatfmt=".3g"))
 modules = list(dict.fromkeys(r["method"] for r in sens))  # "wanda (vision only)", "wanda (language only)"
 for a, b in zip(modules, modules[1:]):
     for s in SPARSITIES:
-        print(report.compare(records, a=a, b=b, sparsity=s))
+        print(report.compare([r for r in records if r not in local], a=a, b=b, sparsity=s))
+for r in local:
+    print(f"{r['model']}, {r['method']}: the median vision local score is {r['metrics'].get('vision_over_language', float('nan')):.3g} times the median language one.")
