@@ -4,11 +4,13 @@
     python bench/gpu_check.py --scale tiny  # the same code path on a CPU, in seconds (a smoke check)
 
 Stages, at the paper's settings (32 first-stage samples in batches of 8, 128 fine-stage samples,
-synthetic 224x224 images and captions of COCO-like length):
-  1. uniform Wanda (fine stage only);
-  2. ECoFLaP zeroth-order scores, per tensor with a full forward each time (the paper's estimator);
-  3. ECoFLaP zeroth-order scores, per block with cached prefixes (ours);
-  4. first-order scores (autograd).
+synthetic 224x224 images and captions of COCO-like length), each also as a ratio to the first:
+  0. a no-grad forward over the 32 first-stage samples (the reference);
+  1. zeroth-order, the paper's implementation: per tensor, central difference, a full forward each time;
+  2. zeroth-order, ours (the default): per tensor, forward difference, cached prefixes;
+  3. zeroth-order, per block, forward difference, cached prefixes;
+  4. first-order scores (plain autograd), then low-memory first-order (``memory="low"``);
+  5. uniform Wanda 50% (fine stage only), if the time budget allows.
 Each prints wall time and peak CUDA memory next to the paper's figures (Wanda 8.87 GB / 240 s;
 zeroth-order 8.94 GB / 6,115 s; first-order 22.37 GB / 450 s; one A100 or A6000). Where a full stage
 would not fit the time budget, it runs a seeded sample of the perturbation units and scales the time
@@ -53,19 +55,70 @@ def blip2_flan_t5_xl_config(scale: str = "full"):
                  decoder_start_token_id=0)
         nq = 8
     text = T5Config(**t)
-    return Blip2Config(vision_config=Blip2VisionConfig(**v).to_dict(), qformer_config=Blip2QFormerConfig(**q).to_dict(),
-                       text_config=text.to_dict(), num_query_tokens=nq, image_token_index=text.vocab_size - 1)
+    cfg = Blip2Config(vision_config=Blip2VisionConfig(**v).to_dict(), qformer_config=Blip2QFormerConfig(**q).to_dict(),
+                      text_config=text.to_dict(), num_query_tokens=nq, image_token_index=text.vocab_size - 1)
+    return untie_lm_head_config(cfg)
 
 
-def build(scale: str, device: str, dtype: torch.dtype):
-    from transformers import Blip2ForConditionalGeneration
+def untie_lm_head_config(cfg):
+    """Flan-T5 has its own lm_head (config.json: ``tie_word_embeddings: false``), but transformers 5's
+    ``T5Config.__post_init__`` forces ``tie_word_embeddings=True`` (keeping only ``scale_decoder_outputs=False``),
+    so a model built from the config ties lm_head to ``shared``. Setting the attribute after construction
+    sticks: the model then ties nothing (see :func:`tie_t5_embeddings`). The activation needs no change:
+    ``feed_forward_proj="gated-gelu"`` maps to ``dense_act_fn="gelu_new"`` (tanh GELU) in HF's T5Config, as
+    for the hub checkpoint."""
+    cfg.text_config.tie_word_embeddings = False
+    return cfg
+
+
+def tie_t5_embeddings(model) -> None:
+    """The real model: encoder/decoder token embeddings share ``shared``; lm_head is a separate weight."""
+    lm = model.language_model
+    lm.encoder.embed_tokens.weight = lm.shared.weight
+    lm.decoder.embed_tokens.weight = lm.shared.weight
+    assert lm.lm_head.weight is not lm.shared.weight, "lm_head is tied to shared: Flan-T5-XL's is not"
+    assert lm.config.tie_word_embeddings is False and lm.config.scale_decoder_outputs is False
+
+
+def fast_random_init(model, seed: int = 0, std: float = 0.02) -> None:
+    """Random weights in seconds for a model built under ``no_init_weights``: 2-D+ weights and embeddings
+    from one seeded N(0, std^2) pool (each tensor at its own offset), norms' weights 1, biases 0."""
+    gen = torch.Generator().manual_seed(seed)
+    pool = (torch.randn(1 << 22, generator=gen) * std)
+    with torch.no_grad():
+        for i, (name, p) in enumerate(model.named_parameters()):
+            if p.dim() == 1:
+                p.fill_(1.0 if ("norm" in name.lower() or name.endswith("ln.weight")) and name.endswith("weight") else 0.0)
+                continue
+            flat = p.view(-1)
+            off = int(torch.randint(0, pool.numel(), (1,), generator=gen))
+            src = torch.roll(pool, -off).to(p.dtype)
+            n = flat.numel()
+            for s in range(0, n, src.numel()):
+                e = min(n, s + src.numel())
+                flat[s:e].copy_(src[: e - s])
+
+
+def build(scale: str, device: str, dtype: torch.dtype, weights: str | None = None):
+    """The model as a Blip2Adapter: random weights (fast seeded init), or real ones from ``weights``
+    (a Salesforce/blip2-flan-t5-xl folder); either way lm_head is untied from the token embeddings."""
+    from transformers import Blip2Config, Blip2ForConditionalGeneration
+    from transformers.initialization import no_init_weights
 
     from ecoflap_utils.models.hf import Blip2Adapter
 
     torch.manual_seed(0)
-    cfg = blip2_flan_t5_xl_config(scale)
-    with torch.device(device):
-        model = Blip2ForConditionalGeneration._from_config(cfg, dtype=dtype)
+    if weights:
+        cfg = untie_lm_head_config(Blip2Config.from_pretrained(weights))
+        model = Blip2ForConditionalGeneration.from_pretrained(weights, config=cfg, dtype=dtype).to(device)
+    else:
+        cfg = blip2_flan_t5_xl_config(scale)
+        with torch.device(device), no_init_weights():
+            model = Blip2ForConditionalGeneration._from_config(cfg, dtype=dtype)
+        fast_random_init(model)
+    tie_t5_embeddings(model)
+    if getattr(model.config, "image_token_index", None) is None:
+        model.config.image_token_index = cfg.text_config.vocab_size - 1
     model.eval()
     vocab = cfg.text_config.vocab_size - 1
     size = cfg.vision_config.image_size
@@ -108,52 +161,88 @@ def main(argv=None) -> int:
     p.add_argument("--scale", default="full", choices=["full", "tiny"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--budget-s", type=float, default=420, help="time budget for all stages together")
-    p.add_argument("--paper-units", type=int, default=4, help="tensors timed for the paper's estimator")
-    p.add_argument("--ours-units", type=int, default=None, help="blocks timed for ours (default: all)")
+    p.add_argument("--budget-s", type=float, default=480, help="time budget: later stages are skipped past it")
+    p.add_argument("--paper-units", type=int, default=8, help="tensors timed for the paper's implementation")
+    p.add_argument("--ours-units", type=int, default=None, help="tensors timed for ours, per tensor (default: all)")
     a = p.parse_args(argv)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[a.dtype]
     t_start = time.time()
     adapter = build(a.scale, a.device, dtype)
+    lm = adapter.model.language_model
     weights_gb = sum(p.numel() * p.element_size() for p in adapter.model.parameters()) / 1e9
     print(f"{adapter.name}: {sum(p.numel() for p in adapter.model.parameters()) / 1e9:.2f} B parameters "
-          f"({weights_gb:.2f} GB in {a.dtype}) on {a.device}", flush=True)
+          f"({weights_gb:.2f} GB in {a.dtype}) on {a.device}; lm_head untied: "
+          f"{lm.lm_head.weight is not lm.shared.weight}; T5 activation {lm.config.dense_act_fn}", flush=True)
     first = adapter.calibration_samples(32, 0)
     fine = adapter.calibration_samples(128, 1)
+    batches = adapter.batches(first, 8)
     rows = []
+    ref = {}
 
     def row(stage, secs, peak, note=""):
         paper = PAPER.get(stage, ("", ""))
         rows.append((stage, secs, peak, paper[0], paper[1], note))
         print(f"  {stage}: {secs:.1f} s, peak {peak:.2f} GB {note}", flush=True)
 
+    def over_budget(stage):
+        if time.time() - t_start > a.budget_s:
+            print(f"  {stage}: skipped (time budget of {a.budget_s:.0f} s spent)", flush=True)
+            return True
+        return False
+
     state = {k: v.detach().clone() for k, v in adapter.model.state_dict().items()} if a.scale == "tiny" else None
+
+    def fwd():
+        with torch.no_grad():
+            for b in batches:
+                adapter.loss(b)
+
+    _, t, peak = measure(a.device, fwd)
+    ref.update(t=t, peak=peak)
+    row("no-grad forward (32 samples, reference)", t, peak)
     n_tensor = count_units(adapter, "block", "tensor")
     n_block = count_units(adapter, "block", "group")
-    sample = sorted(random.Random(0).sample(range(n_tensor), min(a.paper_units, n_tensor)))
-    _, t, peak = measure(a.device, lambda: compute_scores(adapter, "zeroth", first, perturb="tensor", cache=False,
-                                                         units=sample, progress=False))
+    order = random.Random(0).sample(range(n_tensor), n_tensor)
+    sample = sorted(order[: min(a.paper_units, n_tensor)])
+    _, t, peak = measure(a.device, lambda: compute_scores(adapter, "zeroth", first, perturb="tensor",
+                                                         difference="central", cache=False, units=sample,
+                                                         progress=False))
     row("zeroth (paper, per tensor)", t * n_tensor / len(sample), peak,
-        f"[timed {len(sample)} of {n_tensor} tensors, x{n_tensor / len(sample):.0f}]")
-    ours_units = None if a.ours_units is None else sorted(random.Random(0).sample(range(n_block), a.ours_units))
-    _, t, peak = measure(a.device, lambda: compute_scores(adapter, "zeroth", first, perturb="group", cache=True,
-                                                         units=ours_units, progress=False))
-    k = n_block if ours_units is None else len(ours_units)
-    row("zeroth (ours, per block, cached)", t * n_block / k, peak,
-        "" if ours_units is None else f"[timed {k} of {n_block} blocks, x{n_block / k:.1f}]")
-    _, t, peak = measure(a.device, lambda: compute_scores(adapter, "first", first, progress=False))
-    row("first-order", t, peak)
-    if time.time() - t_start < a.budget_s:
+        f"[central, full forwards; timed {len(sample)} of {n_tensor} tensors, x{n_tensor / len(sample):.0f}]")
+    stages = [
+        ("zeroth (ours, per tensor, cached)", dict(perturb="tensor"), n_tensor, a.ours_units),
+        ("zeroth (ours, per block, cached)", dict(perturb="group"), n_block, None),
+    ]
+    for stage, kw, n, k in stages:
+        if over_budget(stage):
+            continue
+        units = None if k is None or k >= n else sorted(order[:k]) if kw["perturb"] == "tensor" else None
+        _, t, peak = measure(a.device, lambda: compute_scores(adapter, "zeroth", first, difference="forward",
+                                                             units=units, progress=False, **kw))
+        done = n if units is None else len(units)
+        row(stage, t * n / done, peak, "[forward difference]" if units is None else
+            f"[forward difference; timed {done} of {n} tensors, x{n / done:.1f} (fixed cost scaled too)]")
+    for stage, memory in (("first-order", "plain"), ("first-order, low memory", "low")):
+        if over_budget(stage):
+            continue
+        _, t, peak = measure(a.device, lambda: compute_scores(adapter, "first", first, memory=memory,
+                                                             progress=False))
+        row(stage, t, peak)
+    if state is not None:
+        same = all(torch.equal(v, adapter.model.state_dict()[k]) for k, v in state.items())
+        print(f"  weights bit-identical after scoring: {same}", flush=True)
+        if not same:
+            raise SystemExit("scoring changed the weights")
+    if not over_budget("wanda"):
         _, t, peak = measure(a.device, lambda: prune(adapter, 0.5, method="wanda", calibration=fine, batch_size=8,
                                                     return_masks=False, progress=False))
         row("wanda", t, peak)
-    else:
-        print("  wanda: skipped (time budget spent)")
     print()
-    print("| stage | time (s) | peak memory (GB) | paper memory (GB) | paper time (s) | note |")
-    print("|---|---|---|---|---|---|")
+    print("| stage | time (s) | x forward | peak memory (GB) | x forward | paper memory (GB) | paper time (s) | note |")
+    print("|---|---|---|---|---|---|---|---|")
     for stage, secs, peak, pm, pt, note in rows:
-        print(f"| {stage} | {secs:.1f} | {peak:.2f} | {pm} | {pt} | {note} |")
+        print(f"| {stage} | {secs:.1f} | {secs / ref['t']:.1f} | {peak:.2f} | {peak / ref['peak']:.2f} | {pm} | {pt} "
+              f"| {note} |")
     print(f"\ntotal {time.time() - t_start:.0f} s; device: "
           f"{torch.cuda.get_device_name() if a.device.startswith('cuda') else 'cpu (process RSS, not comparable)'}")
     return 0

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU memory/time check at the paper's scale (BLIP-2 Flan-T5-XL architecture, random bf16 weights).
-# Needs an NVIDIA GPU and the project's requirements; no network. Finishes in under 8 minutes on an H200.
+# Needs an NVIDIA GPU and the project's requirements; no network. Meant to finish in under 10 minutes on an H200 (later stages are skipped past --budget-s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

@@ -1,41 +1,72 @@
-"""Coarse-stage benchmark: wall time, peak memory and rank agreement of every score method.
+"""Coarse-stage benchmark: time, peak memory, stability and rank agreement of every score method, one table.
 
-    .venv/bin/python bench/scores.py                         # SmolLM2-135M and tiny-blip2-t5 (~12 min)
-    .venv/bin/python bench/scores.py --models tiny-blip2-t5  # seconds
+    .venv/bin/python bench/scores.py                          # SmolLM2-135M, 32 x 128 tokens, batches of 8 (~15 min)
+    .venv/bin/python bench/scores.py --models tiny-blip2-t5   # the same code path in about two minutes
 
-Each method runs in its own subprocess (a fresh process: clean peak RSS), on the same calibration
-batches, and reports its wall time and peak memory also as a ratio to a no-grad forward over those
-batches. The paper's estimator (one full forward per perturbed tensor, no cache) is timed on a seeded
-random sample of tensors and scaled by the tensor count, since each of its perturbations costs one
-full forward; the table says so. Rank agreement: Spearman of zeroth-order and jvp block scores with
-exact first-order block gradient norms (sum over batches of ||g_block||_2), at 8, 32 and 128 samples.
+Each method runs in its own subprocess (a fresh process: clean peak RSS) on the same calibration batches;
+time and peak are also given as ratios to a no-grad forward over those batches. Methods:
+
+* the paper's implementation: per tensor, central difference, a full forward each time (``cache=False``);
+* ours: per tensor, forward difference, cached prefixes (the default); per tensor central, cached; per group
+  (block), forward difference, cached;
+* first-order, plain autograd and low memory (``memory="low"``).
+
+Slow methods are timed on a seeded sample of their perturbation units (nested: a smaller sample is the head of
+a larger one, so the per-tensor methods share their first tensors). For the cached methods the once-per-run
+cost (prefix cache, base losses) is timed separately (``units=[]`` in the same process) and added once; the
+rest is scaled by (all units / timed units). The paper's implementation has no fixed cost: its time scales.
+
+Stability: split-half Spearman of the block scores (zeroth order, one direction per batch, and first order:
+even/odd batches), over the blocks the timed units touch. Rank agreement: Spearman with exact gradients
+over those blocks: for per-tensor methods, sum over batches and over the block's (timed) tensors of ||g_t||;
+for per-group methods, sum over batches of ||g_block||.
 """
 from __future__ import annotations
 
 import argparse
 import gc
 import json
+import math
 import os
 import random
 import subprocess
 import sys
 import time
+from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-THREADS = 2
 sys.path.insert(0, str(ROOT))
+
+#: label, kind, default sample of units (None: all)
+METHODS = [
+    ("no-grad forward", "forward", None),
+    ("zeroth, per tensor, central, full forward (paper's implementation)", "zeroth/tensor/central/full", 6),
+    ("zeroth, per tensor, forward, cached (ours, default)", "zeroth/tensor/forward/cache", 30),
+    ("zeroth, per tensor, central, cached", "zeroth/tensor/central/cache", 12),
+    ("zeroth, per group, forward, cached", "zeroth/group/forward/cache", None),
+    ("first-order, plain", "first/plain", None),
+    ("first-order, low memory", "first/low", None),
+]
 
 
 # --------------------------------------------------------------------------- one measurement (child process)
-def _child(spec: dict) -> dict:
+def _trim() -> None:
     import ctypes
 
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def _child(spec: dict) -> dict:
     import torch
 
     from ecoflap_utils import load_model
     from ecoflap_utils.measure import track
-    from ecoflap_utils.scores import compute_scores, count_units
+    from ecoflap_utils.scores import count_units, estimate_scores
 
     torch.set_num_threads(spec.get("threads", 2))
     a = load_model(spec["model"])
@@ -43,33 +74,48 @@ def _child(spec: dict) -> dict:
         a.seq_len = spec["seq_len"]
     calib = a.calibration_samples(spec["samples"], 0)
     batches = a.batches(calib, spec["batch_size"])
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
+    kw = dict(batch_size=spec["batch_size"], progress=False)
+    _trim()
     out: dict = {}
     kind = spec["kind"]
-    with track("cpu") as m:
-        if kind == "forward":
+    if kind == "forward":
+        with track("cpu") as m:
             with torch.no_grad():
                 for b in batches:
                     a.loss(b)
-        else:
-            per_batch: list = []
-            kw = dict(calibration=calib, batch_size=spec["batch_size"], progress=False, per_batch=per_batch)
-            if kind == "first":
-                compute_scores(a, "first", variant="grad_norm", **kw)
-            else:
-                method, perturb, cache = kind.split("/")
-                n_units = count_units(a, "block", perturb)
-                units = None
-                if spec.get("sample_units") and spec["sample_units"] < n_units:
-                    units = sorted(random.Random(0).sample(range(n_units), spec["sample_units"]))
-                compute_scores(a, method, perturb=perturb, cache=cache == "cache", units=units, **kw)
-                out["units_run"] = len(units) if units is not None else n_units
-                out["units_total"] = n_units
-            out["per_batch"] = per_batch
+    elif kind.startswith("first"):
+        memory = kind.split("/")[1]
+        # plain: per tensor (granularity "layer") so both exact references come from one run
+        gran = "layer" if memory == "plain" else "block"
+        with track("cpu") as m:
+            res = estimate_scores(a, "first", calib, granularity=gran, variant="grad_norm", memory=memory, **kw)
+        out["per_batch"] = res.per_batch
+        out["draws"] = res.draws
+        out["blocks"] = {b.name: list(b.weights) for b in a.pruned_blocks()}
+    else:
+        _, perturb, difference, cache = kind.split("/")
+        n_units = count_units(a, "block", perturb)
+        order = random.Random(0).sample(range(n_units), n_units)
+        k = spec.get("sample_units") or n_units
+        units = sorted(order[:k]) if k < n_units else None
+        zkw = dict(perturb=perturb, difference=difference, cache=cache == "cache", **kw)
+        fixed = None
+        if cache == "cache" and units is not None:  # the once-per-run part, timed on its own
+            with track("cpu") as m0:
+                estimate_scores(a, "zeroth", calib, units=[], **zkw)
+            fixed = m0["wall_s"]
+            _trim()
+        with track("cpu") as m:
+            res = estimate_scores(a, "zeroth", calib, units=units, **zkw)
+        if fixed is not None:
+            m["peak_mb"] = max(m["peak_mb"], m0["peak_mb"])
+        out.update(units_run=len(units) if units is not None else n_units, units_total=n_units, fixed_s=fixed,
+                   units=units, draws=res.draws, forwards=res.config["forwards"])
+        groups = {b.name: list(b.weights) for b in a.pruned_blocks()}
+        all_units = []
+        for g, ws in groups.items():
+            all_units += [(g, [w]) for w in ws] if perturb == "tensor" else [(g, ws)]
+        out["unit_weights"] = [all_units[u][1] for u in (units if units is not None else range(n_units))]
     out.update(wall_s=m["wall_s"], peak_mb=m["peak_mb"], peak_delta_mb=m["peak_delta_mb"])
     return out
 
@@ -83,127 +129,176 @@ def run_child(spec: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-# --------------------------------------------------------------------------- the table
-def spearman(xs, ys) -> float:
+# --------------------------------------------------------------------------- statistics
+def spearman(xs, ys) -> float | None:
     from scipy.stats import spearmanr
 
-    return float(spearmanr(xs, ys)[0])
+    if len(xs) < 3:
+        return None
+    r = float(spearmanr(xs, ys)[0])
+    return r if math.isfinite(r) else None
 
 
-def accumulate(per_batch: list[dict], n_batches: int) -> dict:
-    out: dict = {}
-    for row in per_batch[:n_batches]:
-        for g, v in row.items():
-            out[g] = out.get(g, 0.0) + v
-    return out
+def split_half(draws: dict, groups: list[str]) -> float | None:
+    """Spearman of the block scores from even vs odd batches (one draw per batch), over ``groups``."""
+    halves = [[sum(sum(draws[g][b]) / max(len(draws[g][b]), 1) for b in range(h, len(draws[g]), 2)) for g in groups]
+              for h in (0, 1)]
+    return spearman(*halves)
 
 
-def bench_model(model: str, *, samples: int, batch_size: int, seq_len: int | None, paper_tensors: int | None,
-                jvp_blocks: int | None, tensor_sample: int | None, rank_samples: list[int]) -> list[dict]:
-    base = dict(model=model, samples=samples, batch_size=batch_size, seq_len=seq_len, threads=THREADS)
-    runs = [("no-grad forward", "forward", None, ""),
-            ("zeroth, per group, cached prefixes (ours)", "zeroth/group/cache", None, ""),
-            ("zeroth, per tensor, cached prefixes", "zeroth/tensor/cache", tensor_sample, ""),
-            ("zeroth, per tensor, full forward (paper)", "zeroth/tensor/full", paper_tensors, ""),
-            ("jvp, per group, cached prefixes", "jvp/group/cache", jvp_blocks, ""),
-            ("first-order (autograd)", "first", None, "")]
-    rows = []
+def exact_refs(first: dict) -> tuple[dict, dict]:
+    """From the per-tensor plain first-order run: per tensor, sum over batches of ||g_t||; per block, of ||g_block||."""
+    tensor = {}
+    for row in first["per_batch"]:
+        for w, v in row.items():
+            tensor[w] = tensor.get(w, 0.0) + v
+    block = {}
+    for b, ws in first["blocks"].items():
+        block[b] = sum(math.sqrt(sum(row[w] ** 2 for w in ws)) for row in first["per_batch"])
+    return tensor, block
+
+
+# --------------------------------------------------------------------------- the table
+def bench_model(model: str, *, samples: int, batch_size: int, seq_len: int | None, sample: dict, threads: int
+                ) -> tuple[list[dict], dict]:
+    base = dict(model=model, samples=samples, batch_size=batch_size, seq_len=seq_len, threads=threads)
     results = {}
-    for label, kind, sample, _ in runs:
+    for label, kind, _ in METHODS:
         t0 = time.time()
-        r = run_child({**base, "kind": kind, "sample_units": sample})
-        scale = r.get("units_total", 1) / r.get("units_run", 1) if r.get("units_run") else 1.0
+        r = run_child({**base, "kind": kind, "sample_units": sample.get(kind)})
         results[kind] = r
-        note = (f"timed on {r['units_run']} of {r['units_total']} units (seeded sample), time x{scale:.1f}"
-                if scale > 1 else "")
-        rows.append({"model": model, "method": label, "time_s": r["wall_s"] * scale, "peak_mb": r["peak_mb"],
-                     "extra_mb": r["peak_delta_mb"], "note": note, "measured_s": r["wall_s"]})
-        print(f"  {label}: {r['wall_s']:.1f} s measured ({time.time() - t0:.0f} s with load)", file=sys.stderr)
-    fwd = rows[0]
+        print(f"  {label}: {r['wall_s']:.1f} s measured ({time.time() - t0:.0f} s with load)", file=sys.stderr,
+              flush=True)
+    tensor_ref, block_ref = exact_refs(results["first/plain"])
+    blocks = results["first/plain"]["blocks"]
+    rows = []
+    for label, kind, _ in METHODS:
+        r = results[kind]
+        row = {"method": label, "peak_mb": r["peak_mb"], "measured_s": r["wall_s"], "note": ""}
+        if kind == "forward":
+            row["time_s"] = r["wall_s"]
+        elif kind.startswith("first"):
+            row["time_s"] = r["wall_s"]
+            groups = list(blocks)
+            # plain ran per tensor: fold its draws into blocks for the split halves
+            if kind == "first/plain":
+                draws = {b: [[math.sqrt(sum(results[kind]["draws"][w][i][0] ** 2 for w in ws))]
+                             for i in range(len(results[kind]["per_batch"]))] for b, ws in blocks.items()}
+            else:
+                draws = r["draws"]
+            row["stability"] = split_half(draws, groups)
+            scores = {g: sum(x[0] for x in draws[g]) for g in groups}
+            row["rho_exact"] = spearman([scores[g] for g in groups], [block_ref[g] for g in groups])
+            row["reference"] = "||g_block||"
+        else:
+            ur, ut = r["units_run"], r["units_total"]
+            if ur < ut:
+                if r["fixed_s"] is not None:
+                    row["time_s"] = r["fixed_s"] + (r["wall_s"] - r["fixed_s"]) * ut / ur
+                    row["note"] = (f"{ur} of {ut} units timed (seeded); once-per-run part {r['fixed_s']:.1f} s "
+                                   f"timed apart, the rest x{ut / ur:.1f}")
+                else:
+                    row["time_s"] = r["wall_s"] * ut / ur
+                    row["note"] = f"{ur} of {ut} units timed (seeded), time x{ut / ur:.1f}"
+            else:
+                row["time_s"] = r["wall_s"]
+            fw = r["forwards"]
+            row["forwards"] = f"{fw['base']}+{fw['perturbed']}"
+            per_tensor = "/tensor/" in kind
+            touched: dict[str, list[str]] = {}
+            for ws in r["unit_weights"]:
+                g = next(b for b, bw in blocks.items() if ws[0] in bw)
+                touched.setdefault(g, []).extend(ws)
+            groups = [g for g in blocks if g in touched]
+            draws = r["draws"]
+            row["stability"] = split_half(draws, groups)
+            scores = {g: sum(sum(x) / len(x) for x in draws[g]) for g in groups}
+            ref = {g: sum(tensor_ref[w] for w in touched[g]) if per_tensor else block_ref[g] for g in groups}
+            row["rho_exact"] = spearman([scores[g] for g in groups], [ref[g] for g in groups])
+            row["reference"] = "sum_t ||g_t||" if per_tensor else "||g_block||"
+            row["blocks"] = len(groups)
+        rows.append(row)
+    fwd, paper = rows[0], rows[1]
     for row in rows:
         row["time_x_forward"] = row["time_s"] / fwd["time_s"]
         row["mem_x_forward"] = row["peak_mb"] / fwd["peak_mb"]
-    ours = rows[1]["time_s"]
-    for row in rows:
-        row["time_x_ours"] = row["time_s"] / ours
-    # rank agreement with exact block gradient norms, at several sample counts
-    rank = []
-    exact_pb = results["first"]["per_batch"]
-    for n in rank_samples:
-        nb = max(1, n // batch_size)
-        if nb > len(exact_pb):
-            continue
-        ex = accumulate(exact_pb, nb)
-        g = list(ex)
-        z = accumulate(results["zeroth/group/cache"]["per_batch"], nb)
-        entry = {"model": model, "samples": nb * batch_size, "zeroth_vs_exact": spearman([ex[k] for k in g],
-                                                                                         [z[k] for k in g])}
-        j = accumulate(results["jvp/group/cache"]["per_batch"], nb)
-        jg = [k for k in g if j.get(k, 0) != 0]
-        if len(jg) >= 3:
-            entry["jvp_vs_exact"] = spearman([ex[k] for k in jg], [j[k] for k in jg])
-            entry["jvp_groups"] = len(jg)
-        rank.append(entry)
-    return rows, rank
+        row["speedup_vs_paper"] = paper["time_s"] / row["time_s"]
+    return rows, results
 
 
-def fmt_table(rows, cols) -> str:
+def fmt_table(rows, cols, headers=None) -> str:
     def f(v):
-        return f"{v:.2f}" if isinstance(v, float) else str(v)
+        if v is None:
+            return ""
+        return f"{v:,.2f}" if isinstance(v, float) else str(v)
 
-    cells = [[f(r.get(c, "")) for c in cols] for r in rows]
-    w = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(cols)]
-    line = lambda vs: "| " + " | ".join(v.ljust(n) for v, n in zip(vs, w)) + " |"
-    return "\n".join([line(cols), "|" + "|".join("-" * (n + 2) for n in w) + "|"] + [line(x) for x in cells])
+    cells = [[f(r.get(c)) for c in cols] for r in rows]
+    heads = headers or cols
+    w = [max(len(c), *(len(x[i]) for x in cells)) for i, c in enumerate(heads)]
+    line = lambda vs: "| " + " | ".join(v.ljust(n) for v, n in zip(vs, w)) + " |"  # noqa: E731
+    return "\n".join([line(heads), "|" + "|".join("-" * (n + 2) for n in w) + "|"] + [line(x) for x in cells])
+
+
+def targets(rows) -> list[str]:
+    by = {r["method"]: r for r in rows}
+    ours = by["zeroth, per tensor, forward, cached (ours, default)"]
+    group = by["zeroth, per group, forward, cached"]
+    low = by["first-order, low memory"]
+    out = []
+
+    def check(name, value, op, goal, unit="x"):
+        ok = value >= goal if op == ">=" else value <= goal
+        out.append(f"{name}: {value:.2f}{unit} (target {op} {goal}{unit}): {'met' if ok else 'MISSED'}")
+
+    check("per tensor (ours) speed-up over the paper's implementation", ours["speedup_vs_paper"], ">=", 3)
+    check("per group speed-up over the paper's implementation", group["speedup_vs_paper"], ">=", 16)
+    check("per tensor (ours) peak memory / no-grad forward", ours["mem_x_forward"], "<=", 1.05)
+    check("per group peak memory / no-grad forward", group["mem_x_forward"], "<=", 1.05)
+    check("low-memory first-order peak memory / no-grad forward", low["mem_x_forward"], "<=", 1.1)
+    check("low-memory first-order time / no-grad forward", low["time_x_forward"], "<=", 5)
+    return out
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="smollm2-135m,tiny-blip2-t5")
+    p.add_argument("--models", default="smollm2-135m")
     p.add_argument("--samples", type=int, default=32, help="first-stage calibration samples")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128, help="tokens per sample for causal LMs")
-    p.add_argument("--paper-tensors", type=int, default=6, help="tensors timed for the paper's estimator on large models")
-    p.add_argument("--jvp-blocks", type=int, default=6, help="blocks timed for jvp on large models")
-    p.add_argument("--tensor-sample", type=int, default=12, help="tensors timed for per-tensor cached zeroth on large models")
-    p.add_argument("--full", action="store_true", help="no sampling, and rank agreement up to 128 samples everywhere")
-    p.add_argument("--threads", type=int, default=2, help="torch threads per measurement (1 on a busy machine)")
+    for label, kind, default in METHODS:
+        if default:
+            p.add_argument(f"--units-{kind.replace('/', '-')}", type=int, default=default,
+                           help=f"units timed for {label} (0: all)")
+    p.add_argument("--full", action="store_true", help="no unit sampling")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per measurement")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "scores.md"))
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.child:
         print(json.dumps(_child(json.loads(a.child))))
         return 0
-    global THREADS
-    THREADS = a.threads
-    all_rows, all_rank = [], []
+    sample = {} if a.full else {kind: getattr(a, f"units_{kind.replace('/', '_')}") or None
+                                for _, kind, d in METHODS if d}
     t0 = time.time()
+    text = []
     for model in a.models.split(","):
-        large = model.startswith("smollm2") or "/" in model
         print(f"{model} ...", file=sys.stderr)
-        samples = a.samples if (large and not a.full) else max(a.samples, 128)
-        rows, rank = bench_model(
-            model, samples=samples, batch_size=a.batch_size, seq_len=a.seq_len,
-            paper_tensors=None if (a.full or not large) else a.paper_tensors,
-            jvp_blocks=None if (a.full or not large) else a.jvp_blocks,
-            tensor_sample=None if (a.full or not large) else a.tensor_sample,
-            rank_samples=[8, 32, 128])
-        if samples != a.samples:  # time/memory rows are reported at the requested sample count only on large models
-            for r in rows:
-                r["note"] = (r["note"] + "; " if r["note"] else "") + f"{samples} samples"
-        all_rows += rows
-        all_rank += rank
-    cols = ["model", "method", "time_s", "time_x_forward", "time_x_ours", "peak_mb", "mem_x_forward", "extra_mb", "note"]
-    text = ["# Coarse-stage scores: time, memory, rank agreement", "",
-            f"{a.samples} first-stage samples in batches of {a.batch_size}"
-            f"{f', {a.seq_len} tokens each' if a.seq_len else ''}; each method in a fresh process on "
-            f"{os.cpu_count()} CPU cores; peak = process RSS (sampled), extra = peak above the state after loading.",
-            "", fmt_table(all_rows, cols), "",
-            "Rank agreement (Spearman) with exact first-order block gradient norms (jvp on the timed blocks only "
-            "where it was sampled):", "",
-            fmt_table(all_rank, ["model", "samples", "zeroth_vs_exact", "jvp_vs_exact", "jvp_groups"]), "",
-            f"total bench time {time.time() - t0:.0f} s"]
-    out = "\n".join(text)
+        rows, _ = bench_model(model, samples=a.samples, batch_size=a.batch_size, seq_len=a.seq_len, sample=sample,
+                              threads=a.threads)
+        cols = ["method", "time_s", "time_x_forward", "speedup_vs_paper", "peak_mb", "mem_x_forward", "stability",
+                "rho_exact", "reference", "forwards", "note"]
+        heads = ["method", "time (s)", "x forward", "speed-up vs paper", "peak RSS (MB)", "x forward",
+                 "split-half stability", "Spearman vs exact", "exact reference", "forwards (base+perturbed)", "note"]
+        text += [f"## {model}", "", fmt_table(rows, cols, heads), ""] + [f"* {x}" for x in targets(rows)] + [""]
+    cmd = "bench/scores.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    head = ["# Coarse-stage scores: time, memory, stability, rank agreement", "",
+            f"`.venv/bin/python {cmd.strip()}` on {date.today().isoformat()}: {a.samples} first-stage samples in "
+            f"batches of {a.batch_size}, {a.seq_len} tokens each (causal LMs); each method in a fresh process with "
+            f"{a.threads} torch threads on {os.cpu_count()} CPU cores; peak = process RSS (sampled every 5 ms, model "
+            f"included); one noise direction per batch. Total bench time {time.time() - t0:.0f} s.", "",
+            "Stability and Spearman are over the blocks the timed units touch (all blocks where no sampling); "
+            "the per-tensor exact reference is restricted to the timed tensors.", ""]
+    out = "\n".join(head + text)
     print(out)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     from ecoflap_utils.io import write_text_atomic
