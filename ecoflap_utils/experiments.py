@@ -103,7 +103,8 @@ def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities:
                    max_sparsity_margin: float = 0.1, include_dense: bool = True, progress: bool | None = None,
                    eval_kw: Mapping[str, Any] | None = None,
                    score_cache: dict[str, tuple[dict, dict]] | None = None, protocol: str | None = None,
-                   calibration: str | None = None, perturb: str = "tensor") -> list[dict[str, Any]]:
+                   calibration: str | None = None, perturb: str = "tensor",
+                   on_pruned: Any = None) -> list[dict[str, Any]]:
     """Dense, then every method at every sparsity: prune a restored copy, evaluate, record (ECoFLaP Tables 1-3).
 
     Each record carries ``"intervals"``: the 95 % bootstrap interval of the task's headline metric over the
@@ -125,6 +126,9 @@ def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities:
     ``perturb``: the zeroth-order estimator without a protocol: ``"tensor"`` (the paper's) or ``"group"`` (one
     direction per block: about T times fewer forwards for T tensors per block, a different estimator; the
     default grid uses it where the per-tensor pass would not fit its time, and the notebook says so).
+    ``on_pruned(adapter, record) -> records``: called with each pruned (and evaluated) model before its weights
+    are restored; the records it returns follow that method's record (``recovery.recovery_curves`` fine-tunes
+    there).
     """
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -207,11 +211,13 @@ def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities:
                             seed=seed, comparison=cfg["comparison"], return_masks=False, progress=False)
             resources["fine"] = dict(r)
             m, iv = evaluate_task_with_intervals(adapter, task, data, limit, **eval_kw)
-        conf = {**spec, "actual_sparsity": res.actual_sparsity, "calib_samples": cfg["calib_samples"],
-                "first_stage_samples": cfg["first_stage_samples"], "seed": seed, **proto_rec}
-        if calibration is not None:
-            conf["calibration"] = calib_rec
-        records.append(record(adapter.name, name, s, task, m, resources, conf, intervals=iv))
+            conf = {**spec, "actual_sparsity": res.actual_sparsity, "calib_samples": cfg["calib_samples"],
+                    "first_stage_samples": cfg["first_stage_samples"], "seed": seed, **proto_rec}
+            if calibration is not None:
+                conf["calibration"] = calib_rec
+            records.append(record(adapter.name, name, s, task, m, resources, conf, intervals=iv))
+            if on_pruned is not None:
+                records += list(on_pruned(adapter, records[-1]))
     return records
 
 

@@ -5,9 +5,9 @@
 # per-block sparsity), fine stage (Wanda, block by block, each block's inputs being the pruned
 # outputs of the block before), evaluation on held-out data.
 #
-# **You will learn** how accuracy falls with sparsity for uniform Wanda, uniform SparseGPT and
-# ECoFLaP with zeroth- and first-order scores; what the answers look like before and after pruning;
-# and how to save and reload a pruned model. The default is the bundled `mini-blip2` (frozen
+# **You will learn** how accuracy falls with sparsity for uniform Wanda and ECoFLaP with zeroth- and
+# first-order scores on a Wanda fine stage, and for uniform SparseGPT and ECoFLaP on a SparseGPT fine
+# stage; what the answers look like before and after pruning; and how to save and reload a pruned model. The default is the bundled `mini-blip2` (frozen
 # pretrained SmolLM2-135M language model, its Q4_1 GGUF weights dequantised to float32 — fine for
 # studying pruning, which only compares weights); on a GPU set `MODEL` to
 # `Salesforce/blip2-flan-t5-xl` and `TASK`/`DATA` to a VQAv2 copy on disk (data/BENCHMARKS.md).
@@ -31,20 +31,38 @@ DEVICE: str = "cpu"  # torch device
 DTYPE: str = "float32"  # float32 on CPU; bfloat16 on a GPU
 TASK: str = "vqav2"  # vqav2, okvqa, gqa or caption
 DATA: str = None  # benchmark path (None: the model's bundled held-out set)
-METHODS: list = ["wanda", "sparsegpt", "ecoflap-zeroth", "ecoflap-first"]  # see ecoflap_utils.experiments.METHODS
-SPARSITIES: list = [0.5, 0.6, 0.7]  # target sparsities
+WANDA_METHODS: list = ["wanda", "ecoflap-zeroth", "ecoflap-first"]  # Wanda fine stage (experiments.METHODS)
+WANDA_SPARSITIES: list = [0.2, 0.3, 0.4]  # their sparsities: where they differ on mini-blip2
+SPARSEGPT_METHODS: list = ["sparsegpt", "ecoflap-zeroth-sparsegpt"]  # SparseGPT fine stage
+SPARSEGPT_SPARSITIES: list = [0.5, 0.6, 0.7]  # their sparsities: where SparseGPT bends on mini-blip2
 CALIB_SAMPLES: int = 128  # fine-stage calibration samples (the paper: 128)
 FIRST_STAGE_SAMPLES: int = 32  # coarse-stage samples (the paper: 32, batches of 8)
 EVAL_LIMIT: int = 300  # held-out examples per evaluation (None: all)
 NUM_BEAMS: int = 1  # beam search width for answers (the paper, after LAVIS: 5)
+PERTURB: str = "tensor"  # zeroth-order estimator: tensor (the paper's) or group (a joint direction per block, faster)
 SEED: int = 0  # seed
 OUT_DIR: str = "runs/04_prune_blip2"  # where results.json and figures go
 
+# %% [markdown]
+# ## Two sweeps
+#
+# Each fine stage is swept where it bends: the Wanda-based methods at low sparsity (on `mini-blip2`
+# Wanda falls off a cliff by 0.5, so higher points would all read 0), the SparseGPT-based ones higher
+# up, where SparseGPT's weight updates still hold. The zeroth-order block scores are computed once and
+# shared by both sweeps.
+#
+# `PERTURB` picks the zeroth-order estimator: the paper's per-tensor one by default. The bundled
+# default grid sets `group` (one direction per block) for `mini-blip2`, whose 234 tensors made the
+# per-tensor pass take 12 minutes of a run that has to fit `make run`'s half hour (notebook 03 compares
+# the two estimators' allocations on this model).
+
 # %%
 model = load_model(MODEL, device=DEVICE, dtype=DTYPE)
-records = ex.sparsity_sweep(model, methods=METHODS, sparsities=SPARSITIES, task=TASK, data=DATA, limit=EVAL_LIMIT,
-                            calib_samples=CALIB_SAMPLES, first_stage_samples=FIRST_STAGE_SAMPLES, seed=SEED,
-                            eval_kw={"num_beams": NUM_BEAMS})
+common = dict(task=TASK, data=DATA, limit=EVAL_LIMIT, calib_samples=CALIB_SAMPLES, seed=SEED, score_cache={},
+              first_stage_samples=FIRST_STAGE_SAMPLES, eval_kw={"num_beams": NUM_BEAMS}, perturb=PERTURB)
+records = ex.sparsity_sweep(model, methods=WANDA_METHODS, sparsities=WANDA_SPARSITIES, **common)
+records += ex.sparsity_sweep(model, methods=SPARSEGPT_METHODS, sparsities=SPARSEGPT_SPARSITIES, include_dense=False,
+                             **common)
 write_json_atomic(f"{OUT_DIR}/results.json", records)
 table = pd.DataFrame([{"method": r["method"], "sparsity": r["sparsity"], **r["metrics"],
                        "fine_s": r["resources"].get("fine", {}).get("wall_s")} for r in records])
@@ -61,14 +79,14 @@ plots.save(fig, OUT_DIR, "04_accuracy_vs_sparsity")
 # ## Answers before and after pruning
 #
 # The same held-out questions, answered by the dense model and by uniform-Wanda models at the lowest
-# and the highest sparsity of the sweep: how a model fails matters as much as how often.
+# and the highest sparsity of the Wanda sweep: how a model fails matters as much as how often.
 
 # %%
 items = model.bundled_eval_data(TASK)[:6] if DATA is None and hasattr(model, "bundled_eval_data") else []
 prompts = [f"Question: {it['question']} Short answer:" for it in items]
 answers = {"question": [it["question"] for it in items], "truth": [it["answers"][0] for it in items]}
 answers["dense"] = generate_answers(model, [it["image"] for it in items], prompts) if items else []
-for s in sorted({min(SPARSITIES), max(SPARSITIES)}):
+for s in sorted({min(WANDA_SPARSITIES), max(WANDA_SPARSITIES)}):
     with ex.restored(model):
         prune(model, s, method="wanda", calib_samples=CALIB_SAMPLES, progress=False)
         answers[f"wanda {s}"] = generate_answers(model, [it["image"] for it in items], prompts) if items else []
@@ -90,27 +108,32 @@ print(format_table(summarize(result.report), ["stack", "modality", "params", "ta
 # ## What this shows
 #
 # Read the table, not the hope. The table below is this run's `results.json` (the main metric by
-# method and sparsity, dense in column 0), and the sentences under it compare each method with
-# uniform Wanda at each sparsity from the same records: how many of the points Wanda loses it keeps.
+# method and sparsity, dense in column 0), and the sentences under it compare, from the same records,
+# each Wanda-based ECoFLaP with uniform Wanda at the Wanda sweep's sparsities, and ECoFLaP on SparseGPT
+# with uniform SparseGPT at the SparseGPT sweep's: how many of the points the uniform method loses it keeps.
 #
-# On the bundled defaults, `make run` measured on `mini-blip2` (100 held-out questions, dense 98 %
-# VQA accuracy) at 0.3: uniform Wanda 46, SparseGPT 99, ECoFLaP 75 (zeroth) and 83 (first); at 0.5:
-# 0, 97, 0, 0; at 0.6: 0, 94, 0, 0; at 0.7: 0, 38, 0, 0. In that run:
+# Why these two sweeps: an earlier `make run` of this notebook swept all four methods at 0.3, 0.5,
+# 0.6 and 0.7 on `mini-blip2` (100 held-out questions, dense 98 % VQA accuracy) and found uniform Wanda
+# 46, SparseGPT 99, ECoFLaP 75 (zeroth) and 83 (first) at 0.3, then 0 for every Wanda-based method from
+# 0.5 on, while SparseGPT held 97 and 94 before dropping to 38 at 0.7. A 50 %-sparse SmolLM2-135M stops
+# following the visual prompt (the answers table above shows what it says instead), and the language
+# model holds 98 % of the weights, so no allocation can spare it; the paper's 3B language models do
+# not have this cliff at 0.5 — ours is the price of a 135M model on a CPU (data/README.md). So:
 #
-# * where Wanda still worked (0.3), ECoFLaP's allocation recovered more than half of what uniform
-#   Wanda lost — the paper's claim, on a small model;
-# * from 0.5 on, every Wanda-based method answered nothing useful: a 50 %-sparse SmolLM2-135M stops
-#   following the visual prompt (the answers table above shows what it says instead), and the
-#   language model holds 98 % of the weights, so no allocation can spare it. The paper's 3B language
-#   models do not have this cliff at 0.5; ours is the price of a 135M model on a CPU (data/README.md);
-# * SparseGPT, which updates the remaining weights to compensate, mattered far more than the
-#   allocation. Notebook 06 runs ECoFLaP on top of SparseGPT (`ecoflap-zeroth-sparsegpt` here).
+# * the Wanda-based methods are compared below the cliff (0.2-0.4), where the earlier run saw
+#   ECoFLaP's allocation recover more than half of what uniform Wanda lost — the paper's claim;
+# * the allocation is also tried on top of SparseGPT (`ecoflap-zeroth-sparsegpt`) where SparseGPT
+#   bends (0.5-0.7): whether the allocation helps a fine stage that already compensates is what the
+#   sentences below say for this run. Notebook 07 asks the other question: how much of the loss
+#   masked fine-tuning gives back.
 #
 # `grids/paper.yaml` runs the same notebook at the paper's settings on BLIP-2 on a GPU.
 
 # %%
 records = report.load_records(OUT_DIR)
 print(report.save_headline(records, OUT_DIR))  # also headline.csv and headline.md in OUT_DIR
-for s in SPARSITIES:
-    for a in [m for m in METHODS if m != "wanda"]:
-        print(report.compare(records, a=a, b="wanda", sparsity=s))
+for methods, sparsities, base in ((WANDA_METHODS, WANDA_SPARSITIES, "wanda"),
+                                  (SPARSEGPT_METHODS, SPARSEGPT_SPARSITIES, "sparsegpt")):
+    for s in sparsities:
+        for a in [m for m in methods if m != base]:
+            print(report.compare(records, a=a, b=base, sparsity=s))

@@ -15,8 +15,8 @@ RANGES = {"acc1": (0, 100), "acc5": (0, 100), "mean_per_class_recall": (0, 100),
           "min_sparsity": (0, 1), "max_sparsity": (0, 1)}
 
 
-def test_there_are_six_numbered_notebooks():
-    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
+def test_there_are_seven_numbered_notebooks():
+    assert [p.name[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06", "07"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)

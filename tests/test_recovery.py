@@ -1,0 +1,94 @@
+"""Recovery curves (prune, evaluate, masked fine-tuning with held-out evaluations) and the paper-table assembly."""
+import math
+
+import pytest
+import torch
+
+from ecoflap_utils import load_model, recovery, report
+from ecoflap_utils.recovery import PAPER_COLUMNS, curve_frame, final_records, labelled, recovery_curves, upop_table
+
+KEYS = {"model", "method", "sparsity", "task", "metrics", "resources", "config"}
+
+
+def _weights(a):
+    return {k: v.detach().clone() for k, v in a.model.state_dict().items()}
+
+
+@pytest.mark.parametrize("name,stacks", [("tiny-blip2-opt", ["qformer", "lm"]),
+                                         ("tiny-blip2-t5", ["qformer", "text_decoder"])])
+def test_curves_are_well_formed_and_keep_the_zeros(name, stacks):
+    a = load_model(name)
+    before = _weights(a)
+    recs = recovery_curves(a, methods=["wanda", "ecoflap-zeroth"], sparsities=[0.5], steps=4, eval_every=2, lr=1e-3,
+                           stacks=stacks, eval_limit=8, batch_size=4, calib_samples=8, first_stage_samples=8,
+                           progress=False)
+    # the model is put back after the curves
+    assert all(torch.equal(v, _weights(a)[k]) for k, v in before.items())
+    assert recs[0]["method"] == "dense"
+    for r in recs:
+        assert KEYS <= set(r) and all(math.isfinite(v) for v in r["metrics"].values())
+        assert "vqa_accuracy" in r["metrics"]
+    curves = [r for r in recs if r["method"] != "dense"]
+    for m in ("wanda", "ecoflap-zeroth"):
+        steps = [r["config"]["steps"] for r in curves if r["method"] == m]
+        assert steps == [0, 2, 4]
+    for r in curves:
+        c = r["config"]
+        assert c["stacks"] == stacks and c["trained"] == "+".join(stacks)
+        assert c["finetuned"] == (c["steps"] > 0) and c["final"] == (c["steps"] in (0, 4))
+        if c["finetuned"]:
+            ft = r["resources"]["finetune"]
+            assert ft["kept_zeros"] > 0 and ft["seconds_per_step"] > 0  # pruned LM weights were masked
+            assert "vqa_accuracy" in r.get("intervals", {})
+    # end points, labelled for report.compare
+    ends = labelled(recs)
+    assert [r["method"] for r in ends] == ["dense", "wanda · no FT", "wanda · FT", "ecoflap-zeroth · no FT",
+                                           "ecoflap-zeroth · FT"]
+    assert name in report.compare(ends, a="wanda · FT", b="wanda · no FT", sparsity=0.5)
+    frame = curve_frame(recs)
+    assert len(frame) == 6 and set(frame["steps"]) == {0, 2, 4}
+
+
+def test_revived_zeros_fail_the_pattern_check(monkeypatch):
+    """The zero-pattern assertion means something: dense fine-tuning (masks={}) trips it."""
+    a = load_model("tiny-blip2-opt")
+    real = recovery.finetune
+    monkeypatch.setattr(recovery, "finetune", lambda *args, **kw: real(*args, masks={}, **kw))
+    with pytest.raises(AssertionError, match="revived"):
+        recovery_curves(a, methods=["wanda"], sparsities=[0.5], steps=3, eval_every=None, lr=1e-2,
+                        stacks=["lm"], eval_limit=4, batch_size=4, calib_samples=8, include_dense=False,
+                        progress=False)
+
+
+def _rec(method, sparsity, acc, *, steps=0, final=True, iv=None, trained="qformer"):
+    r = {"model": "toy-vlm", "method": method, "sparsity": sparsity, "task": "vqav2",
+         "metrics": {"vqa_accuracy": acc}, "resources": {},
+         "config": {} if method == "dense" else {"steps": steps, "finetuned": steps > 0, "final": final,
+                                                 "trained": trained, "stacks": trained.split("+")}}
+    if iv:
+        r["intervals"] = {"vqa_accuracy": iv}
+    return r
+
+
+def test_upop_table_on_hand_made_records():
+    recs = [_rec("dense", 0.0, 98.0, iv=[96.0, 99.5]),
+            _rec("wanda", 0.5, 0.0), _rec("wanda", 0.5, 50.0, steps=20, final=False), _rec("wanda", 0.5, 90.0, steps=40),
+            _rec("ecoflap-zeroth", 0.5, 2.0), _rec("ecoflap-zeroth", 0.5, 93.0, steps=40, iv=[90.0, 95.0]),
+            _rec("ecoflap-zeroth", 0.5, 95.0, steps=40, trained="qformer+lm"),
+            _rec("wanda", 0.7, 0.0)]
+    t = upop_table(recs, trained="qformer")
+    assert list(t.columns) == ["source", *PAPER_COLUMNS]
+    paper = t.loc["(a) paper"]
+    assert paper.loc["UPop (w/ fine-tuning)", "source"] == "reported, not run"
+    assert paper.loc["ECoFLaP (w/ fine-tuning)", "VQA test-dev"] == "76.7"
+    assert paper.loc["Full model", "COCO CIDEr/SPICE"] == "133.3/23.8"
+    ours = t.loc["(b) this run"]
+    assert ours.loc["Full model (dense)", "VQA test-dev"] == "98.0 [96.0, 99.5]"
+    assert ours.loc["Wanda (w/o fine-tuning)", "VQA test-dev"] == "0.0"
+    assert ours.loc["Wanda (w/ fine-tuning)", "VQA test-dev"] == "90.0"  # the curve's end, not step 20
+    assert ours.loc["ECoFLaP (w/ fine-tuning)", "VQA test-dev"] == "93.0 [90.0, 95.0]"  # the Q-Former-only curve
+    assert "toy-vlm" in ours.loc["ECoFLaP (w/ fine-tuning)", "source"]
+    # a method that was not run says so
+    missing = upop_table([_rec("dense", 0.0, 98.0)]).loc["(b) this run"]
+    assert missing.loc["ECoFLaP (w/ fine-tuning)", "VQA test-dev"] == "not run"
+    assert len(final_records(recs, finetuned=True)) == 4  # dense and the three curve ends
