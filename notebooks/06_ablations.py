@@ -30,6 +30,7 @@ DTYPE: str = "float32"  # float32 on CPU
 TARGET: float = 0.6  # sparsity for the ablations
 EPS_VALUES: list = [0.0001, 0.001, 0.01]  # zeroth-order steps
 NOISE_VALUES: list = [1, 2]  # noise directions per batch
+FIRST_STAGE_SAMPLES: int = 32  # coarse-stage samples of the sweep and of every ablation that does not vary them
 FIRST_STAGE_VALUES: list = [8, 32]  # coarse-stage samples
 CAP_MARGINS: list = [0.05, 0.1, 0.2]  # cap on any block's sparsity: TARGET plus each margin
 METHODS: list = ["wanda", "sparsegpt", "ecoflap-zeroth", "ecoflap-first"]  # methods of the sparsity sweep
@@ -71,7 +72,7 @@ def ppl_at(layer_sparsity, method="wanda", nm=None):
 # %%
 score_cache = {}
 records = ex.sparsity_sweep(lm, methods=METHODS, sparsities=BASELINE_SPARSITIES, task="perplexity", limit=EVAL_LIMIT,
-                            calib_samples=CALIB_SAMPLES, first_stage_samples=32, seed=SEED, score_cache=score_cache,
+                            calib_samples=CALIB_SAMPLES, first_stage_samples=FIRST_STAGE_SAMPLES, seed=SEED, score_cache=score_cache,
                             perturb=PERTURB)
 pd.DataFrame([{"method": r["method"], "sparsity": r["sparsity"], **r["metrics"]} for r in records])
 
@@ -84,8 +85,8 @@ pd.DataFrame([{"method": r["method"], "sparsity": r["sparsity"], **r["metrics"]}
 
 # %%
 def ecoflap_ppl(label, method="wanda", margin=0.1, **score_kw):
-    kw = {"samples": 32, "eps": 1e-3, "num_noise": 1, "perturb": PERTURB, **score_kw}
-    key = "zeroth" if kw == {"samples": 32, "eps": 1e-3, "num_noise": 1, "perturb": PERTURB} else json.dumps(kw)  # the sweep's
+    kw = {**(base := {"samples": FIRST_STAGE_SAMPLES, "eps": 1e-3, "num_noise": 1, "perturb": PERTURB}), **score_kw}
+    key = "zeroth" if kw == base else json.dumps(kw)  # the sweep's scores
     if key not in score_cache:
         score_cache[key] = ex.coarse_scores(lm, "zeroth", calibration=lm.calibration_samples(kw.pop("samples"), SEED), seed=SEED, progress=False, **kw)
     sc, cost = score_cache[key]
@@ -96,7 +97,7 @@ def ecoflap_ppl(label, method="wanda", margin=0.1, **score_kw):
     return {"setting": label, "perplexity": rec["metrics"]["perplexity"], "score_s": cost["wall_s"]}
 rows = [ecoflap_ppl(f"eps={e:g}", eps=e) for e in EPS_VALUES]
 rows += [ecoflap_ppl(f"noise={n}", num_noise=n) for n in NOISE_VALUES if n != 1]
-rows += [ecoflap_ppl(f"samples={n}", samples=n) for n in FIRST_STAGE_VALUES if n != 32]
+rows += [ecoflap_ppl(f"samples={n}", samples=n) for n in FIRST_STAGE_VALUES if n != FIRST_STAGE_SAMPLES]
 pd.DataFrame(rows)
 
 # %% [markdown]
