@@ -11,12 +11,9 @@ from .measure import Resources
 from .prune import METHODS, check_sparsity, parse_nm, prune
 from .report import format_table, summarize
 
-ALLOCATIONS = ("uniform", "ecoflap", "owl")
-SCORE_METHODS = ("zeroth", "first", "jvp", "magnitude")
-GRANULARITIES = ("layer", "block", "module")
-PERTURBS = ("tensor", "group")
-DIFFERENCES = ("forward", "central")
-MEMORY_MODES = ("plain", "low")
+from .allocate import ALLOCATIONS
+from .scores import (DIFFERENCES, FIRST_ORDER_VARIANTS, GRANULARITIES, MEMORY_MODES, PERTURBS, SCORE_METHODS,
+                     check_stability)
 
 
 def parse_num_noise(value) -> int | str:
@@ -66,8 +63,6 @@ def validate(*, method: str, sparsity, nm, allocation: str, scores: str, granula
         raise UserError(f"unknown --difference {difference!r}; choose forward or central")
     if memory not in MEMORY_MODES:
         raise UserError(f"unknown --memory mode {memory!r}; choose plain or low")
-    from .scores import FIRST_ORDER_VARIANTS, check_stability
-
     if variant not in FIRST_ORDER_VARIANTS:
         raise UserError(f"unknown --variant {variant!r}; choose one of {', '.join(FIRST_ORDER_VARIANTS)}")
 
