@@ -318,15 +318,16 @@ def report(a, rows, probe, bs, first_bs, limit_mb, total_s, argv) -> str:
             ut, ur = r["units_total"], r["units_run"]
             fw = r.get("forwards", {})
             if st == "zeroth" and fwd_s:
-                # once per batch: the prefix cache and the base loss, about two dense forwards
-                fixed = min(t, 2 * fwd_s)
+                # once per batch: the dense forward that fills the prefix cache (and gives the base loss)
+                fixed = min(t, (fw.get("dense", 1) + fw.get("base", 0)) * fwd_s)
                 est = nb * (fixed + (t - fixed) * ut / ur)
-                note = (f"timed {ur} of {ut} tensors on 1 batch; estimate = {nb} batches x (2 forwards for the "
-                        f"prefix cache and base loss + the rest x {ut}/{ur})")
+                note = (f"timed {ur} of {ut} tensors on 1 batch; estimate = {nb} batches x (the dense forward of "
+                        f"the prefix cache, which gives the base loss, + the rest x {ut}/{ur})")
             else:
                 est = t * ut / ur * nb
                 note = f"timed {ur} of {ut} tensors on 1 batch; estimate = time x {ut}/{ur} x {nb} batches"
-            note += f" (forwards: {fw.get('base', 0)} base + {fw.get('perturbed', 0)} perturbed)"
+            note += (f" (forwards: {fw.get('dense', 0)} dense + {fw.get('base', 0)} base + "
+                     f"{fw.get('perturbed', 0)} perturbed)")
         elif st in ("first", "first-low"):
             est = t * nb
             note = f"estimate = time x {nb} batches"

@@ -203,7 +203,7 @@ def bench_model(model: str, *, samples: int, batch_size: int, seq_len: int | Non
             else:
                 row["time_s"] = r["wall_s"]
             fw = r["forwards"]
-            row["forwards"] = f"{fw['base']}+{fw['perturbed']}"
+            row["forwards"] = f"{fw.get('dense', 0) + fw['base']}+{fw['perturbed']}"
             per_tensor = "/tensor/" in kind
             touched: dict[str, list[str]] = {}
             for ws in r["unit_weights"]:
@@ -288,7 +288,7 @@ def main(argv=None) -> int:
         cols = ["method", "time_s", "time_x_forward", "speedup_vs_paper", "peak_mb", "mem_x_forward", "stability",
                 "rho_exact", "reference", "forwards", "note"]
         heads = ["method", "time (s)", "x forward", "speed-up vs paper", "peak RSS (MB)", "x forward",
-                 "split-half stability", "Spearman vs exact", "exact reference", "forwards (base+perturbed)", "note"]
+                 "split-half stability", "Spearman vs exact", "exact reference", "forwards (dense+perturbed)", "note"]
         text += [f"## {model}", "", fmt_table(rows, cols, heads), ""] + [f"* {x}" for x in targets(rows)] + [""]
     cmd = "bench/scores.py " + " ".join(argv if argv is not None else sys.argv[1:])
     head = ["# Coarse-stage scores: time, memory, stability, rank agreement", "",

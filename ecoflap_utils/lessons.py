@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 import math
 import re
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -153,9 +152,10 @@ def difference_agreement(adapter: ModelAdapter, calibration: Sequence[Any], eps_
 
 
 def forward_count(result: ScoreResult) -> int:
-    """Forward passes a zeroth-order or jvp run made: perturbed plus unperturbed (``config["forwards"]``)."""
+    """Forward passes a zeroth-order or jvp run made: perturbed plus unperturbed, the prefix cache's dense ones
+    included (``config["forwards"]``)."""
     f = result.config.get("forwards") or {}
-    return int(f.get("perturbed", 0) + f.get("base", 0))
+    return int(f.get("perturbed", 0) + f.get("base", 0) + f.get("dense", 0))
 
 
 def max_relative_difference(a: Mapping[str, float], b: Mapping[str, float]) -> float:
@@ -199,7 +199,6 @@ def cost_of_methods(adapter: ModelAdapter, calibration: Sequence[Any], *, batch_
         with track(dev) as r:
             res = estimate_scores(adapter, calibration=calibration, eps=eps, seed=seed, batch_size=batch_size,
                                   progress=False, **kw)
-        timed = len(units) if "units" in kw else (total if kw.get("perturb") == "tensor" else None)
         scale = total / len(units) if "units" in kw else 1.0
         passes = (f"{res.config['backward_passes']} fwd+bwd" if kw["method"] == "first"
                   else f"{forward_count(res) * scale:.0f} fwd")
@@ -290,29 +289,6 @@ def official_local_scores(method: str = "wanda", path: str | Path | None = None)
     return rows
 
 
-@contextmanager
-def _recorded_wanda_scores(adapter: ModelAdapter, sink: dict[str, float], n_samples: int) -> Iterator[None]:
-    """While inside, every Wanda score the fine stage computes is also reduced to the official local score."""
-    import importlib
-
-    prune_module = importlib.import_module("ecoflap_utils.prune")
-
-    name_of = {id(p): n for n, p in adapter.model.named_parameters(remove_duplicate=False)}
-    original = prune_module.wanda_scores
-
-    def recording(weight, sq_norms):
-        s = original(weight, sq_norms)
-        # the official scaler_row is sum_tokens x_j^2 / n_samples, so sqrt(scaler_row) = ||X_j|| / sqrt(n_samples)
-        sink[name_of[id(weight)]] = float(s.mean()) / math.sqrt(n_samples)
-        return s
-
-    prune_module.wanda_scores = recording
-    try:
-        yield
-    finally:
-        prune_module.wanda_scores = original
-
-
 def local_wanda_scores(adapter: ModelAdapter, calibration: Sequence[Any], *, sparsity: float = 0.5,
                        batch_size: int = 8) -> dict[str, float]:
     """The official "local score of Wanda" of every pruned weight tensor: mean_ij |W_ij| sqrt(scaler_row_j).
@@ -330,9 +306,15 @@ def local_wanda_scores(adapter: ModelAdapter, calibration: Sequence[Any], *, spa
     if not 0 < sparsity < 1:
         raise UserError(f"sparsity must be in (0, 1), got {sparsity!r}")
     sink: dict[str, float] = {}
-    with restored(adapter), _recorded_wanda_scores(adapter, sink, len(calibration)):
+    root_n = math.sqrt(len(calibration))
+
+    def record(name: str, score: torch.Tensor) -> None:
+        # the official scaler_row is sum_tokens x_j^2 / n_samples, so sqrt(scaler_row) = ||X_j|| / sqrt(n_samples)
+        sink[name] = float(score.mean()) / root_n
+
+    with restored(adapter):
         prune(adapter, sparsity, method="wanda", calibration=list(calibration), batch_size=batch_size,
-              return_masks=False, progress=False)
+              return_masks=False, progress=False, on_scores=record)
     return {w: sink[w] for w in adapter.layer_names() if w in sink}
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .capture import capture_calls, first_output, run_block, stack_groups
 from .errors import CalibrationError, UserError
 from .models.base import ModelAdapter
-from .stats import input_statistics, wanda_scores  # noqa: F401  (re-exported: prune.wanda_scores)
+from .stats import input_statistics, wanda_scores
 
 METHODS = ("wanda", "sparsegpt", "magnitude")
 COMPARISONS = ("row", "matrix")
@@ -264,7 +264,8 @@ def prune(adapter: ModelAdapter, sparsity: float | Mapping[str, float] | None = 
           nm: str | tuple[int, int] | None = None, calibration: Sequence[Any] | None = None,
           calib_samples: int = 128, batch_size: int = 8, seed: int = 0, comparison: str = "row",
           stacks: Sequence[str] | None = None, return_masks: bool = True, blocksize: int = 128,
-          percdamp: float = 0.01, progress: bool | None = None) -> PruneResult:
+          percdamp: float = 0.01, progress: bool | None = None,
+          on_scores: Callable[[str, torch.Tensor], None] | None = None) -> PruneResult:
     """Prune ``adapter``'s model in place, block by block (ECoFLaP Sec. 3.3; Wanda Alg. 1; SparseGPT Alg. 1).
 
     ``sparsity`` is one float for every pruned layer or ``{weight name: sparsity}`` (for example ECoFLaP's
@@ -275,6 +276,8 @@ def prune(adapter: ModelAdapter, sparsity: float | Mapping[str, float] | None = 
     (``adapter.calibration_samples``);
     when ``None``, ``calib_samples`` are drawn with ``seed``. ``stacks`` chooses what is pruned
     (default: the adapter's default stacks, the vision encoder and the language model for BLIP-2).
+    ``on_scores(weight name, scores)`` (Wanda) sees each weight's importance tensor just before
+    its mask is chosen, for example to keep the authors' per-tensor "local score" (``lessons``).
     """
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -340,12 +343,13 @@ def prune(adapter: ModelAdapter, sparsity: float | Mapping[str, float] | None = 
                 stack_blocks = adapter.stack_blocks(stack)
                 stack_blocks = stack_blocks[: stack_blocks.index(needed[-1]) + 1]  # nothing after the last needed
                 _prune_stack(adapter, stack_blocks, batches, to_prune, method, nm_t, comparison_of(stack),
-                             blocksize, percdamp, apply, show)
+                             blocksize, percdamp, apply, show, on_scores)
     result.report = sparsity_report(adapter, per_layer)
     return result
 
 
-def _prune_stack(adapter, blocks, batches, to_prune, method, nm_t, comparison, blocksize, percdamp, apply, show):
+def _prune_stack(adapter, blocks, batches, to_prune, method, nm_t, comparison, blocksize, percdamp, apply, show,
+                 on_scores=None):
     calls = capture_calls(adapter, blocks, batches, keep_hidden="first")
     hidden = [c[0].hidden() for c in calls]
     bar = tqdm(blocks, desc=f"{method} {blocks[0].stack}", disable=show, leave=False)
@@ -360,7 +364,10 @@ def _prune_stack(adapter, blocks, batches, to_prune, method, nm_t, comparison, b
                 W = adapter.model.get_parameter(w)
                 st = stats[w]
                 if method == "wanda":
-                    apply(w, select_prune_mask(wanda_scores(W, st.sq), to_prune[w], nm=nm_t, comparison=comparison))
+                    score = wanda_scores(W, st.sq)
+                    if on_scores is not None:
+                        on_scores(w, score)
+                    apply(w, select_prune_mask(score, to_prune[w], nm=nm_t, comparison=comparison))
                 else:
                     new, mask = sparsegpt_prune(W, st.H, to_prune[w], nm=nm_t, blocksize=blocksize, percdamp=percdamp)
                     apply(w, mask, new)

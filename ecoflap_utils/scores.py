@@ -82,7 +82,9 @@ class PrefixCache:
     densely until ``hidden[batch]`` is the input of block ``b``. Inside ``prefix(batch, b)`` every block
     before ``b`` returns instead of computing: the block just before ``b`` returns the dense output
     (which is block ``b``'s input), the others a stand-in of the right structure that the next stubbed
-    block ignores. Blocks must be visited in model order (``b`` never decreases).
+    block ignores. Blocks must be visited in model order (``b`` never decreases); ``rewind()`` starts a
+    new pass from block 0. ``losses[batch]`` is the dense loss of each batch from that same forward, which
+    the forward difference takes as its L(W) instead of running another forward.
     """
 
     def __init__(self, adapter: ModelAdapter, batches: Sequence[dict]):
@@ -96,6 +98,7 @@ class PrefixCache:
         self.calls: list[list[Any]] = []
         self.shape: list[list[Any]] = []  # output with the hidden states removed
         self.last_out: list[dict[int, Any]] = []
+        self.losses: list[float] = []
         for batch in batches:
             calls: list[Any] = [None] * n
             shapes: list[Any] = [None] * n
@@ -119,10 +122,16 @@ class PrefixCache:
                     es.enter_context(hooks(b.module.register_forward_pre_hook(pre(i), with_kwargs=True)))
                     es.enter_context(hooks(b.module.register_forward_hook(post(i))))
                 with torch.no_grad():
-                    adapter.forward(batch)
+                    out = adapter.forward(batch)
+            self.losses.append(_checked_loss(adapter, out) if torch.is_tensor(out) and out.numel() == 1
+                               else float("nan"))
             self.calls.append(calls)
             self.shape.append(shapes)
             self.last_out.append(lasts)
+        self.rewind()
+
+    def rewind(self) -> None:
+        """Go back to block 0 (a new pass over the units, e.g. another round of ``--num-noise auto``)."""
         self.pos = 0
         self.hidden = [c[0].hidden() for c in self.calls]  # input of block self.pos, per batch
 
@@ -324,17 +333,24 @@ def estimate_scores(adapter: ModelAdapter, method: str = "zeroth", calibration: 
         count[all_units[u][0]] += 1
     # draws[g][batch][k]: the group's contribution of direction k on that batch (summed over its units)
     draws: dict[str, list[list[float]]] = {g: [[] for _ in batches] for g in groups}
-    forwards = {"perturbed": 0, "base": 0}
+    # forwards run: "dense" fill the prefix cache (and give L(W)), "base" compute L(W) without one
+    forwards = {"perturbed": 0, "base": 0, "dense": 0}
+    # one dense forward per batch, shared by every pass: the prefix cache records L(W) as it fills
+    prefix = PrefixCache(adapter, batches) if cache else None
+    forwards["dense"] = len(batches) if cache else 0
     base = None
     if method == "zeroth" and difference == "forward":
-        with torch.no_grad():
-            base = [_loss_value(adapter, b) for b in batches]
-        forwards["base"] = len(batches)
+        if prefix is not None and all(math.isfinite(v) for v in prefix.losses):
+            base = list(prefix.losses)
+        else:
+            with torch.no_grad():
+                base = [_loss_value(adapter, b) for b in batches]
+            forwards["base"] = len(batches)
     k_done = 0
     k_next = 2 if auto else num_noise
     while True:
         _zeroth_pass(adapter, method, batches, all_units, chosen, range(k_done, k_next), draws, seed=seed, eps=eps,
-                     difference=difference, base=base, cache=cache, show=show, forwards=forwards)
+                     difference=difference, base=base, prefix=prefix, show=show, forwards=forwards)
         k_done = k_next
         if not auto:
             break
@@ -357,17 +373,18 @@ def check_stability(value) -> float:
 
 
 def _zeroth_pass(adapter, method, batches, all_units, chosen, directions, draws, *, seed, eps, difference, base,
-                 cache, show, forwards) -> None:
+                 prefix, show, forwards) -> None:
     """One pass over the units (model order) for noise directions ``directions``; adds to ``draws``."""
     model = adapter.model
     directions = list(directions)
-    prefix = PrefixCache(adapter, batches) if cache else None
+    if prefix is not None:
+        prefix.rewind()
     bar = tqdm(total=len(chosen) * len(batches), desc=f"{method} scores", disable=show, leave=False)
     with _math_attention(adapter, method == "jvp"):
         for u in chosen:
             g, ws = all_units[u]
             params = [model.get_parameter(w) for w in ws]
-            start = _first_block_index(adapter, ws) if cache else 0
+            start = _first_block_index(adapter, ws) if prefix is not None else 0
             for bi, batch in enumerate(batches):
                 row = draws[g][bi]
                 while len(row) < directions[-1] + 1:
@@ -431,7 +448,10 @@ def _null() -> Iterator[None]:
 
 
 def _loss_value(adapter: ModelAdapter, batch) -> float:
-    loss = adapter.loss(batch)
+    return _checked_loss(adapter, adapter.loss(batch))
+
+
+def _checked_loss(adapter: ModelAdapter, loss: torch.Tensor) -> float:
     v = float(loss.detach().float())
     if not math.isfinite(v):
         raise CalibrationError(f"the calibration loss of {adapter.name} is {v}: run in float32 or check the data")

@@ -138,7 +138,8 @@ print(f"low-memory vs plain first order: max relative difference of the block sc
 # ## Forward or central difference
 #
 # The paper's central difference costs two perturbed forwards per direction; a forward difference
-# costs one, plus one unperturbed forward per batch shared by every tensor. At the same draws (same
+# costs one, and takes the unperturbed L(W) of each batch from the dense forward that fills the prefix
+# cache, which both run anyway. At the same draws (same
 # seeds, batches and tensors) the two give nearly the same scores: the table has their Spearman
 # correlation, the largest relative difference of a block score and each run's forward passes
 # (`ScoreResult.config["forwards"]`), for the default per-tensor estimator at EPS and, cheaper, the

@@ -30,8 +30,9 @@ def test_default_is_the_papers_per_tensor_estimator():
     a = load_model("tiny-llama")
     res = estimate_scores(a, "zeroth", a.calibration_samples(8, 0), progress=False)
     assert res.config["perturb"] == "tensor"
-    # one direction per tensor per batch: 7 tensors x 4 blocks, one batch, forward difference
-    assert res.config["forwards"] == {"perturbed": 28, "base": 1}
+    # one direction per tensor per batch: 7 tensors x 4 blocks, one batch, forward difference; its L(W) comes
+    # from the dense forward that fills the prefix cache
+    assert res.config["forwards"] == {"perturbed": 28, "base": 0, "dense": 1}
 
 
 def test_per_tensor_block_scores_rank_like_exact_sum_of_tensor_gradient_norms():
@@ -170,6 +171,21 @@ def test_auto_noise_stops_at_its_target_or_its_budget():
     capped = estimate_scores(a, "zeroth", calib, num_noise="auto", stability=1.0, max_noise=4, granularity="layer",
                              progress=False)
     assert capped.config["num_noise"] == 4  # target unreachable: stops when the budget is spent
+    # the rounds share one prefix cache (rewound per round): the same draws as 4 directions in one pass
+    fixed = estimate_scores(a, "zeroth", calib, num_noise=4, granularity="layer", progress=False)
+    assert capped.draws == fixed.draws
+    assert capped.config["forwards"]["dense"] == fixed.config["forwards"]["dense"] == 1  # one batch, one fill
+
+
+def test_forward_difference_takes_its_base_loss_from_the_prefix_cache():
+    a = load_model("tiny-llama")
+    calib = a.calibration_samples(8, 0)
+    cached = estimate_scores(a, "zeroth", calib, batch_size=4, granularity="block", progress=False)
+    full = estimate_scores(a, "zeroth", calib, batch_size=4, granularity="block", cache=False, progress=False)
+    assert cached.config["forwards"] == {"dense": 2, "base": 0, "perturbed": full.config["forwards"]["perturbed"]}
+    assert full.config["forwards"]["base"] == 2 and full.config["forwards"]["dense"] == 0
+    for g in full.scores:
+        assert cached.scores[g] == pytest.approx(full.scores[g], rel=1e-4, abs=1e-6)
 
 
 @pytest.mark.parametrize("kw,match", [
