@@ -27,13 +27,10 @@ are shown only beside ours; the ratios to the no-grad forward are what compare.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from datetime import date
@@ -42,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
+
+from harness import run_in_child, trim_memory  # noqa: E402
 
 #: the paper's logs (GPU, BLIP-2 at 50% sparsity): (GB, s)
 PAPER = {"wanda": (8.87, 240), "paper": (8.94, 6115), "zeroth": (8.94, 6115), "first": (22.37, 450)}
@@ -94,14 +93,6 @@ def fp32_matmuls() -> None:
 
 
 # --------------------------------------------------------------------------- one stage (child process)
-def _trim() -> None:
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 def child(spec: dict) -> dict:
     import torch
 
@@ -125,7 +116,7 @@ def child(spec: dict) -> dict:
     bs = spec["batch_size"]
     calib = adapter.calibration_samples(bs, 0)
     batch = adapter.batches(calib, bs)[0]
-    _trim()
+    trim_memory()
     if stage == "load":
         out.update(wall_s=m_load["wall_s"], peak_mb=m_load["peak_mb"])
         return out
@@ -135,7 +126,7 @@ def child(spec: dict) -> dict:
             with torch.no_grad():
                 adapter.loss(one)
         out["nograd_sample_mb"] = m["peak_delta_mb"]
-        _trim()
+        trim_memory()
         names = [w for b in adapter.pruned_blocks() for w in b.weights]
         for n, p in model.named_parameters():
             p.requires_grad_(n in set(names))
@@ -181,19 +172,7 @@ def child(spec: dict) -> dict:
 
 
 def run_stage(spec: dict, timeout: float | None = None) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    t0 = time.time()
-    try:
-        proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True,
-                              text=True, env=env, cwd=ROOT, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if proc.returncode != 0:
-        why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit {proc.returncode}"
-        return {"error": why, "stderr": proc.stderr[-2000:]}
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
-    r["process_s"] = time.time() - t0
-    return r
+    return run_in_child(__file__, spec, timeout)
 
 
 # --------------------------------------------------------------------------- the table

@@ -24,12 +24,10 @@ for per-group methods, sum over batches of ||g_block||.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
 import random
-import subprocess
 import sys
 import time
 from datetime import date
@@ -37,6 +35,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from harness import run_in_child, trim_memory  # noqa: E402
 
 #: label, kind, default sample of units (None: all)
 METHODS = [
@@ -51,16 +52,6 @@ METHODS = [
 
 
 # --------------------------------------------------------------------------- one measurement (child process)
-def _trim() -> None:
-    import ctypes
-
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
-
-
 def _child(spec: dict) -> dict:
     import torch
 
@@ -75,7 +66,7 @@ def _child(spec: dict) -> dict:
     calib = a.calibration_samples(spec["samples"], 0)
     batches = a.batches(calib, spec["batch_size"])
     kw = dict(batch_size=spec["batch_size"], progress=False)
-    _trim()
+    trim_memory()
     out: dict = {}
     kind = spec["kind"]
     if kind == "forward":
@@ -104,7 +95,7 @@ def _child(spec: dict) -> dict:
             with track("cpu") as m0:
                 estimate_scores(a, "zeroth", calib, units=[], **zkw)
             fixed = m0["wall_s"]
-            _trim()
+            trim_memory()
         with track("cpu") as m:
             res = estimate_scores(a, "zeroth", calib, units=units, **zkw)
         if fixed is not None:
@@ -121,12 +112,10 @@ def _child(spec: dict) -> dict:
 
 
 def run_child(spec: dict) -> dict:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True,
-                          env=env, cwd=ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{spec['kind']} on {spec['model']} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    r = run_in_child(__file__, spec)
+    if "error" in r:
+        raise RuntimeError(f"{spec['kind']} on {spec['model']} failed ({r['error']}):\n{r['stderr']}")
+    return r
 
 
 # --------------------------------------------------------------------------- statistics

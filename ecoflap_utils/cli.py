@@ -3,23 +3,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
+from .cli_format import DefaultsFormatter
 from .errors import UserError
-
-
-class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows ``(default: X)`` unless the default is None or the help already states it."""
-
-    def _get_help_string(self, action):
-        if action.default is None or "(default:" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
 
 
 def _add_prune(sub) -> None:
     p = sub.add_parser("prune", help="prune a model and write it with its report",
-                       formatter_class=_DefaultsFormatter,
+                       formatter_class=DefaultsFormatter,
                        description="Prune a model layer by layer (Wanda, SparseGPT or magnitude), optionally at "
                                    "ECoFLaP's per-block sparsities, and write the pruned model, "
                                    "pruning_config.json, sparsity_report.csv and resources.json to --out.")

@@ -7,24 +7,15 @@ from __future__ import annotations
 
 import argparse
 
+from .cli_format import DefaultsFormatter
 from .evaluate import TASKS
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a flag's default unless its help already says it (or there is none to show)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
-            return text
-        return super()._get_help_string(action)
 
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``evaluate`` to an ``argparse`` subparsers object; returns the new parser."""
     p = subparsers.add_parser(
         "evaluate", help="evaluate a dense or pruned model and write results.json",
-        formatter_class=_HelpFormatter,
+        formatter_class=DefaultsFormatter,
         description="Evaluate a model (a name, or a pruned run's folder holding pruning_config.json) on one task "
                     "and write DIR/results.json ({model, method, sparsity, task, metrics, resources, config}); "
                     "generation tasks also write predictions.json, zero-shot writes clip_benchmark.json. "

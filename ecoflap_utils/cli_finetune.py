@@ -7,15 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Show a flag's default unless its help already says it (or there is none to show)."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in text:
-            return text
-        return super()._get_help_string(action)
+from .cli_format import DefaultsFormatter
 
 
 def _warmup(text: str) -> float | int:
@@ -34,7 +26,7 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``finetune`` to an ``argparse`` subparsers object; returns the new parser."""
     p = subparsers.add_parser(
         "finetune", help="fine-tune a pruned run with its zeros kept and write it as a new run",
-        formatter_class=_HelpFormatter,
+        formatter_class=DefaultsFormatter,
         description="Masked fine-tuning of a pruned model (a folder written by `prune`): the chosen stacks are "
                     "trained with AdamW (linear warm-up, cosine decay) on the model's task loss while every pruned "
                     "weight stays exactly zero. Writes a run like prune's to --out, atomically: the model, "

@@ -33,8 +33,7 @@ from . import intervals as I
 from . import metrics as M
 from .data import formats
 from .errors import UserError
-from .models.images import (_first_float_param, _image_device_dtype, _image_transform,  # noqa: F401
-                            image_batch)
+from .models.images import _first_float_param, image_batch
 
 TASKS = ("zeroshot", "retrieval", "vqav2", "okvqa", "gqa", "caption", "perplexity")
 FAMILY_TASKS = {

@@ -6,7 +6,6 @@ notebook cell calls one function and shows a table or a figure.
 from __future__ import annotations
 
 import math
-import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -329,8 +328,6 @@ def loss_landscape(adapter: ModelAdapter, *, alphas: Sequence[float] = tuple(np.
     A direction d has, per tensor, the shape of W and the norm of W (filter-normalised, Li et al. 2018);
     the curve is L(W + alpha d) - L(W). Returns ``{module: array (directions, len(alphas))}``.
     """
-    from .scores import perturbed
-
     batches = adapter.batches(adapter.calibration_samples(samples, seed), batch_size)
 
     def loss() -> float:

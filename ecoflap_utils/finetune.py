@@ -241,7 +241,8 @@ def blip2_sample(adapter: ModelAdapter, image: Any, prompt: str, target: str) ->
     model's own transform (as in evaluation), the prompt tokenised as ``Blip2Processor`` does, the target
     after a space with the LM's end-of-sequence token (T5: ``collate`` adds it)."""
     from .data import formats
-    from .evaluate import _image_transform, _tokenize_prompt
+    from .evaluate import _tokenize_prompt
+    from .models.images import _image_transform
 
     tok = _tokenizer(adapter)
     im = formats.load_image(image)
@@ -257,7 +258,7 @@ def blip2_sample(adapter: ModelAdapter, image: Any, prompt: str, target: str) ->
 def clip_sample(adapter: ModelAdapter, image: Any, caption: str) -> dict[str, Any]:
     """One CLIP training pair ``{"image", "text"}``: the model's image transform and tokenizer."""
     from .data import formats
-    from .evaluate import _image_transform
+    from .models.images import _image_transform
 
     im = formats.load_image(image)
     pixel = im if isinstance(im, torch.Tensor) else _image_transform(adapter)(im)

@@ -17,18 +17,11 @@ from ecoflap_utils.data import calibration as C
 from ecoflap_utils.data.images import DIGIT_NAMES, digits, to_pil
 from ecoflap_utils.data.text import calibration_text
 from ecoflap_utils.errors import UserError
-from ecoflap_utils.models import load_model
 from ecoflap_utils.models.openclip import CLIPAdapter
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N_IMAGES = 12  # two captions each in the COCO / Karpathy files
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _caption(label, k=0):
@@ -124,26 +117,6 @@ def data(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="module")
-def t5():
-    return load_model("tiny-blip2-t5")
-
-
-@pytest.fixture(scope="module")
-def opt():
-    return load_model("tiny-blip2-opt")
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return load_model("tiny-clip")
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny-llama")
-
-
 def _loss(adapter, samples):
     with torch.no_grad():
         return float(torch.stack([adapter.loss(b) for b in adapter.batches(samples, 4)]).mean())
@@ -233,42 +206,42 @@ def test_text_documents_and_wanda_windows(data, llama):
 
 
 # --------------------------------------------------------------------------- adapters: samples and losses
-def test_blip2_t5_prefix_lm_from_coco(data, t5):
-    samples, rec = C.load_calibration(t5, data["coco"], n=8, seed=0)
-    again, _ = C.load_calibration(t5, data["coco"], n=8, seed=0)
+def test_blip2_t5_prefix_lm_from_coco(data, blip_t5):
+    samples, rec = C.load_calibration(blip_t5, data["coco"], n=8, seed=0)
+    again, _ = C.load_calibration(blip_t5, data["coco"], n=8, seed=0)
     assert rec["format"] == "coco" and rec["count"] == 8 and len(samples) == 8
-    eos = t5.eos_id
+    eos = blip_t5.eos_id
     for s, a in zip(samples, again):
         assert s["prefix_ids"] == a["prefix_ids"] and s["target_ids"] == a["target_ids"]
         assert torch.equal(s["pixel_values"], a["pixel_values"])
         assert s["pixel_values"].shape == (3, 32, 32)
         cap = s["caption"]
         assert cap == cap.lower() and "." not in cap  # LAVIS's blip_caption processor
-        prefix = t5.tokenizer.decode(s["prefix_ids"])
-        target = t5.tokenizer.decode(s["target_ids"])
+        prefix = blip_t5.tokenizer.decode(s["prefix_ids"])
+        target = blip_t5.tokenizer.decode(s["target_ids"])
         assert s["prefix_ids"][-1] == eos and len(s["target_ids"]) <= 31  # max_txt_len 32 with the eos
         assert cap.startswith(prefix + target) and (prefix + target == cap or len(s["target_ids"]) == 31)
         assert 1 <= len(prefix) <= len(cap) // 2  # LAVIS: split = randint(1, len(caption) // 2), in characters
-    loss = _loss(t5, samples)
-    generated = _loss(t5, t5.calibration_samples(8, 0))
+    loss = _loss(blip_t5, samples)
+    generated = _loss(blip_t5, blip_t5.calibration_samples(8, 0))
     assert np.isfinite(loss) and abs(loss - generated) > 1e-3
 
 
-def test_blip2_opt_caption_lm_from_karpathy(data, opt):
-    samples, rec = C.load_calibration(opt, data["karpathy"], n=6, seed=3)
+def test_blip2_opt_caption_lm_from_karpathy(data, blip_opt):
+    samples, rec = C.load_calibration(blip_opt, data["karpathy"], n=6, seed=3)
     assert rec["format"] == "karpathy"
-    bos = opt.tokenizer.bos_token_id
+    bos = blip_opt.tokenizer.bos_token_id
     for s in samples:
         assert s["prefix_ids"] == []
         assert s["target_ids"][0] == bos and len(s["target_ids"]) <= 32  # max_txt_len, BOS included
-        assert opt.tokenizer.decode(s["target_ids"]) == (s["caption"] + "\n")[: len(s["target_ids"]) - 1]
-    assert any(opt.tokenizer.decode(s["target_ids"]) == s["caption"] + "\n" for s in samples)  # short ones whole
-    batch = opt.batches(samples, 6)[0]
-    q = opt.num_query_tokens
+        assert blip_opt.tokenizer.decode(s["target_ids"]) == (s["caption"] + "\n")[: len(s["target_ids"]) - 1]
+    assert any(blip_opt.tokenizer.decode(s["target_ids"]) == s["caption"] + "\n" for s in samples)  # short ones whole
+    batch = blip_opt.batches(samples, 6)[0]
+    q = blip_opt.num_query_tokens
     assert (batch["labels"][:, :q] == -100).all()  # no loss on the query tokens
     assert (batch["labels"][:, q] == bos).all()  # LAVIS keeps OPT's BOS in the targets
-    loss = _loss(opt, samples)
-    assert np.isfinite(loss) and abs(loss - _loss(opt, opt.calibration_samples(6, 3))) > 1e-3
+    loss = _loss(blip_opt, samples)
+    assert np.isfinite(loss) and abs(loss - _loss(blip_opt, blip_opt.calibration_samples(6, 3))) > 1e-3
 
 
 def test_clip_contrastive_from_webdataset_and_csv(data, clip):

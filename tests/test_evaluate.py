@@ -22,6 +22,8 @@ from ecoflap_utils.evaluate import (DEFAULT_TEMPLATES, caption, classifier_weigh
                                     zeroshot_classification)
 from ecoflap_utils.models import load_model
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CLASSES = ["red_apple", "green", "blue", "yellow", "black", "white"]
 COLOURS = [(220, 30, 30), (30, 200, 40), (30, 40, 220), (230, 220, 30), (10, 10, 10), (245, 245, 245)]
 TEXT = ("The quick brown fox jumps over the lazy dog. Pruning keeps the weights that matter most, "
@@ -34,35 +36,6 @@ def _png(path, colour, seed, size=40):
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(arr).save(path)
     return path
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a shared machine those threads spin."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def clip():
-    return load_model("tiny-clip")
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def blip_opt():
-    return load_model("tiny-blip2-opt")
-
-
-@pytest.fixture(scope="module")
-def blip_t5():
-    return load_model("tiny-blip2-t5")
 
 
 @pytest.fixture(scope="module")

@@ -5,18 +5,8 @@ from collections import Counter
 import pytest
 import torch
 
-from ecoflap_utils import lessons, load_model
+from ecoflap_utils import lessons
 from ecoflap_utils.scores import estimate_scores, score_groups
-
-
-@pytest.fixture(scope="module")
-def llama():
-    return load_model("tiny-llama")
-
-
-@pytest.fixture(scope="module")
-def blip():
-    return load_model("tiny-blip2-t5")
 
 
 def test_exact_gradient_norms_match_an_independent_backward(llama):
@@ -94,11 +84,11 @@ def test_cost_of_methods_and_scatter(llama):
     plt.close(fig)
 
 
-def test_allocation_by_estimator_and_modality_sparsity(blip):
-    groups = score_groups(blip, "block")
+def test_allocation_by_estimator_and_modality_sparsity(blip_t5):
+    groups = score_groups(blip_t5, "block")
     a = {g: float(i + 1) for i, g in enumerate(groups)}
     b = {g: float(len(groups) - i) for i, g in enumerate(groups)}
-    rows = lessons.allocation_by_estimator(blip, {"per tensor": a, "per group": b}, 0.6)
+    rows = lessons.allocation_by_estimator(blip_t5, {"per tensor": a, "per group": b}, 0.6)
     assert len(rows) == 2 * len(groups)
     means = lessons.modality_sparsity(rows)
     for est in ("per tensor", "per group"):
@@ -126,31 +116,31 @@ def test_official_local_scores_group_by_modality_in_plot_order():
         lessons.lavis_modality("Qformer.bert.encoder.layer.0.output.dense.weight")
 
 
-def test_local_wanda_scores_follow_the_official_definition(blip):
-    calib = blip.calibration_samples(8, 0)
-    before = {k: v.clone() for k, v in blip.model.state_dict().items()}
-    scores = lessons.local_wanda_scores(blip, calib, sparsity=0.5, batch_size=4)
-    assert all(torch.equal(before[k], v) for k, v in blip.model.state_dict().items())  # restored
-    assert list(scores) == blip.layer_names()
+def test_local_wanda_scores_follow_the_official_definition(blip_t5):
+    calib = blip_t5.calibration_samples(8, 0)
+    before = {k: v.clone() for k, v in blip_t5.model.state_dict().items()}
+    scores = lessons.local_wanda_scores(blip_t5, calib, sparsity=0.5, batch_size=4)
+    assert all(torch.equal(before[k], v) for k, v in blip_t5.model.state_dict().items())  # restored
+    assert list(scores) == blip_t5.layer_names()
     # the first block's inputs are dense: recompute its scores as the authors' WrappedGPT does, batch by batch
     from ecoflap_utils.stats import input_statistics
 
-    first = blip.pruned_blocks()[0]
-    scaler = {w: torch.zeros(blip.model.get_parameter(w).shape[1]) for w in first.weights}
+    first = blip_t5.pruned_blocks()[0]
+    scaler = {w: torch.zeros(blip_t5.model.get_parameter(w).shape[1]) for w in first.weights}
     nsamples = {w: 0 for w in first.weights}
-    for batch in blip.batches(calib, 4):
-        with input_statistics(blip.model, list(first.weights), "wanda") as st, torch.no_grad():
-            blip.forward(batch)
+    for batch in blip_t5.batches(calib, 4):
+        with input_statistics(blip_t5.model, list(first.weights), "wanda") as st, torch.no_grad():
+            blip_t5.forward(batch)
         n = len(batch["image"]) if isinstance(batch, dict) and "image" in batch else 4
         for w in first.weights:  # scaler_row *= n_old / n_new; scaler_row += ||x||^2 / n_new
             scaler[w] *= nsamples[w] / (nsamples[w] + n)
             nsamples[w] += n
             scaler[w] += st[w].sq / nsamples[w]
     for w in first.weights:
-        W = blip.model.get_parameter(w).detach().float()
+        W = blip_t5.model.get_parameter(w).detach().float()
         expected = float((W.abs() * scaler[w].sqrt().unsqueeze(0)).mean())
         assert scores[w] == pytest.approx(expected, rel=1e-4)
-    rows = lessons.local_score_rows(blip, scores)
+    rows = lessons.local_score_rows(blip_t5, scores)
     assert {r["modality"] for r in rows} == {"vision", "language"}
     med = lessons.modality_medians(rows)
     assert med["vision_over_language"] == pytest.approx(med["vision_median"] / med["language_median"])

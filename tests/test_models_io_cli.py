@@ -1,11 +1,9 @@
 """Adapters' structure, save/load, and the prune CLI (files written, bad input refused)."""
 import csv
 import json
-import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch

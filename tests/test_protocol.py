@@ -17,15 +17,9 @@ from ecoflap_utils.errors import UserError
 from ecoflap_utils.models import load_model
 from ecoflap_utils.prune import global_magnitude_masks, prune
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 N_PAIRS = 130  # the paper preset's fine stage draws 128
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from scipy.stats import spearmanr
 from ecoflap_utils import UserError, load_model, prune
 from ecoflap_utils.allocate import allocate_sparsity, expand_to_layers, load_sparsity_dict, owl_sparsity
 from ecoflap_utils.cli import main
-from ecoflap_utils.scores import (PrefixCache, _first_block_index, _jvp, _math_attention, _two_point,
+from ecoflap_utils.scores import (PrefixCache, _first_block_index, _jvp, _math_attention,
                                   compute_scores, owl_outlier_ratios, score_groups, unit_noise)
 
 

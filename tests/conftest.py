@@ -1,0 +1,37 @@
+"""Fixtures shared by several test modules: one intra-op thread, and the tiny models (random weights, byte
+tokenizers). The models are module-scoped: a module may prune or fine-tune them in place, and the next module
+gets fresh ones."""
+import pytest
+import torch
+
+from ecoflap_utils.models import load_model
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared machine those threads spin.
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return load_model("tiny-clip")
+
+
+@pytest.fixture(scope="module")
+def blip_t5():
+    return load_model("tiny-blip2-t5")
+
+
+@pytest.fixture(scope="module")
+def blip_opt():
+    return load_model("tiny-blip2-opt")
