@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from .cli_format import DefaultsFormatter
-from .evaluate import TASKS
+from .evaluate import TASKS, VQA_INFERENCE
 
 
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
@@ -54,6 +54,13 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generation length cap (default: 10 for VQA, 30 for captions)")
     p.add_argument("--num-beams", type=int, default=None, help="beam width for generation (default 5, as LAVIS)")
+    p.add_argument("--vqa-inference", default="generate", choices=VQA_INFERENCE,
+                   help="vqav2/okvqa/gqa: 'generate' free-form answers (the paper's setting), or 'rank' the answers "
+                        "of --answer-list by the model's likelihood and predict the likeliest (LAVIS's BLIP VQA "
+                        "inference_method='rank'); the generation flags do not apply to rank")
+    p.add_argument("--answer-list", default=None,
+                   help="with --vqa-inference rank: file of candidate answers, one per line or a JSON list "
+                        "(default: the distinct reference answers of the evaluated questions)")
     p.add_argument("--window", type=int, default=None,
                    help="perplexity: tokens per window (default: min(512, the model's context))")
     p.add_argument("--stride", type=int, default=None,
@@ -74,7 +81,8 @@ def _cmd_evaluate(a) -> int:
         model=a.model, task=a.task, data=a.data, out=a.out, limit=a.limit, batch_size=a.batch_size, device=a.device,
         dtype=a.dtype, classnames=a.classnames, templates=a.templates, annotations=a.annotations,
         image_root=a.image_root, split=a.split, prompt=a.prompt, max_new_tokens=a.max_new_tokens,
-        num_beams=a.num_beams, window=a.window, stride=a.stride, overwrite=a.overwrite,
+        num_beams=a.num_beams, window=a.window, stride=a.stride, vqa_inference=a.vqa_inference,
+        answer_list=a.answer_list, overwrite=a.overwrite,
         progress=False if a.no_progress else None,
     )
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["metrics"].items())

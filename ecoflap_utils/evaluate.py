@@ -18,6 +18,7 @@ per-item scores do not average to the headline number, and when there are fewer 
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
@@ -332,6 +333,213 @@ def generate_answers(adapter, images: Sequence[Any], prompts: Sequence[str] | st
     return answers
 
 
+VQA_INFERENCE = ("generate", "rank")
+VQA_TASKS = ("vqav2", "okvqa", "gqa")
+
+
+def _stop_token(text_cfg) -> int | None:
+    """The token ``generate_answers`` stops on (``text_config.eos_token_id``; the first one of a list)."""
+    eos = getattr(text_cfg, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return None if eos is None else int(eos)
+
+
+def _candidate_ids(tokenizer, prompt: str, candidate: str, *, decoder_only: bool, eos: int | None) -> list[int]:
+    """A candidate as the answer tokens the generator would have to produce: its tokens (no special tokens;
+    after a prompt that does not end in white space a decoder-only LM's answer starts with a space, as
+    generation writes it) followed by the stop token."""
+    text = str(candidate).strip()
+    if decoder_only and prompt and not prompt[-1].isspace():
+        text = " " + text
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
+    return ids + ([eos] if eos is not None else [])
+
+
+def _cache_kwarg(lm) -> str:
+    """The name under which the LM's forward takes a key/value cache (``cache`` since transformers 5.x,
+    ``past_key_values`` before)."""
+    import inspect
+
+    try:
+        params = inspect.signature(lm.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover
+        params = {}
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _output_cache(outputs):
+    cache = getattr(outputs, "cache", None) if "cache" in getattr(outputs, "keys", lambda: ())() else None
+    return cache if cache is not None else outputs.past_key_values
+
+
+def rank_answers(adapter, images: Sequence[Any], prompts: Sequence[str] | str, candidates: Sequence[str], *,
+                 batch_size: int = 16, candidate_batch: int = 128,
+                 progress: bool | None = None) -> tuple[list[str], np.ndarray]:
+    """Rank a fixed answer list by the language model's likelihood (LAVIS's ``inference_method="rank"``).
+
+    For every image/prompt and every candidate, the summed log-probability of the candidate's tokens given
+    the image and the prompt; the prediction is the candidate with the highest sum (ties go to the earlier
+    candidate). Returns ``(best candidate per question, log-likelihoods of shape (questions, candidates))``,
+    the latter float64 on the CPU.
+
+    The input is built as in :func:`generate_answers`: ``num_query_tokens`` copies of
+    ``config.image_token_index``, then the tokenised prompt. A candidate is scored as the answer generation
+    would have to write: its tokens, then the stop token (``text_config.eos_token_id``), so that an answer
+    that is a prefix of another ("1" / "10") gains nothing from being shorter.
+
+    * Flan-T5 (encoder-decoder): query tokens and prompt go to the encoder; the candidate plus EOS is the
+      decoder's target, as in BLIP-2's prefix-LM training; the decoder reads the target shifted right after
+      ``decoder_start_token_id`` (what T5 builds from ``labels``), and logit ``i`` scores target token ``i``.
+    * decoder-only LMs (OPT, LLaMA): query tokens, prompt, then the candidate, with a leading space after a
+      prompt that does not end in white space (as generation writes the answer); only the candidate's tokens
+      are scored, each by the logits of the position before it.
+
+    Cost: one ``Blip2ForConditionalGeneration.forward`` per group of at most ``batch_size`` questions runs the
+    vision encoder and Q-Former once per image, splices the query outputs into the image-token positions
+    (``masked_scatter``) and runs the prompt through the LM (the T5 encoder; for a decoder-only LM the prompt
+    with its key/value cache, questions grouped by prompt length so that no prompt is padded). The
+    candidates then go through the LM alone, the T5 encoder states / the prompt's cache repeated per
+    candidate, about ``candidate_batch`` (question, candidate) rows at a time (at least one candidate per
+    question of the group; candidates right-padded). Memory grows with ``candidate_batch`` x prompt length
+    (the repeated cache) and x candidate length x vocabulary (the logits). All in the model's dtype under
+    ``torch.inference_mode()``; log-softmax in float32.
+
+    LAVIS (salesforce/LAVIS @506965b, ``lavis/models/blip_models/blip_vqa.py``; the same lines in ECoFLaP's
+    copy, ``LAVIS/lavis/models/blip_models/blip_vqa.py`` @59dac0a): ``predict_answers`` (L162-235;
+    ``inference_method="rank"`` by default, L166; ``num_ans_candidates=128``, L169, capped at the list's
+    length, L231) calls ``_rank_answers`` (L277-354), which keeps the ``num_ans_candidates`` candidates
+    whose *first token* is most probable after BOS (L299-317), re-scores only those with the decoder's
+    per-sequence loss (L336-347) and returns the lowest-loss one (L349-352). That loss is label-smoothed
+    (``CrossEntropyLoss(reduction=..., label_smoothing=0.1)``, summed per sequence: ``lavis/models/med.py``
+    L1238-1244), so LAVIS's score is not exactly a log-likelihood. Here every candidate is scored in full and
+    without smoothing. That is exact (LAVIS's first-token filter can drop the best candidate: candidates that
+    share a first token tie on it and the top-k cuts among them arbitrarily) and affordable for the short
+    lists used here; with a list of thousands (VQAv2's 3,128) it costs one LM row per candidate and question.
+    LAVIS's BLIP-2 models do not rank at all: ``lavis/models/blip2_models/blip2_t5.py`` ``predict_answers``
+    (L247-312) and ``blip2_opt.py`` ``predict_answers`` (L282-354) take ``inference_method``,
+    ``num_ans_candidates`` and ``answer_list`` (L251-255, L286-290) but never read them, and always generate
+    (``t5_model.generate`` L296, ``opt_model.generate`` L337).
+    """
+    _check_positive(batch_size, "batch_size")
+    _check_positive(candidate_batch, "candidate_batch")
+    images = list(images)
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != len(images):
+        raise UserError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image (or one for all)")
+    candidates = [str(c) for c in candidates]
+    if not candidates:
+        raise UserError("the answer list is empty: give at least one candidate answer to rank")
+    blank = [i for i, c in enumerate(candidates) if not c.strip()]
+    if blank:
+        raise UserError(f"candidate answer {blank[0]} is empty: drop empty lines from the answer list")
+    if not images:
+        return [], np.zeros((0, len(candidates)), dtype=np.float64)
+    tok = getattr(adapter, "tokenizer", None)
+    if tok is None:
+        raise UserError(f"{adapter.name} has no tokenizer: load it from a folder that holds the tokenizer files")
+    model = adapter.model
+    cfg = model.config
+    n_query, image_token = cfg.num_query_tokens, cfg.image_token_index
+    decoder_only = bool(cfg.use_decoder_only_language_model)
+    text_cfg = cfg.text_config
+    pad = getattr(adapter, "pad_id", None)
+    pad = int(pad if pad is not None else (text_cfg.pad_token_id or 0))
+    eos = _stop_token(text_cfg)
+    start = getattr(text_cfg, "decoder_start_token_id", None)
+    start = int(start if start is not None else pad)
+    device = adapter.input_device()
+    lm = model.language_model
+    from transformers.modeling_outputs import BaseModelOutput
+
+    n_cand = len(candidates)
+    scores = np.empty((len(images), n_cand), dtype=np.float64)
+    prefixes = [[image_token] * n_query + _tokenize_prompt(tok, p) for p in prompts]
+    cand_cache: dict[bool, list[list[int]]] = {}  # the ids depend on the prompt only through its last character
+
+    def cand_ids(prompt: str) -> list[list[int]]:
+        spaced = bool(decoder_only and prompt and not prompt[-1].isspace())
+        if spaced not in cand_cache:
+            cand_cache[spaced] = [_candidate_ids(tok, prompt, c, decoder_only=decoder_only, eos=eos)
+                                  for c in candidates]
+            for c, ids in zip(candidates, cand_cache[spaced]):
+                if not ids:  # pragma: no cover - a tokenizer that drops the text, and an LM without EOS
+                    raise UserError(f"candidate answer {c!r} has no tokens: drop it from the answer list")
+        return cand_cache[spaced]
+
+    # question groups: at most batch_size each; for a decoder-only LM, prompts of one length only (no padding)
+    order = sorted(range(len(images)), key=lambda i: len(prefixes[i])) if decoder_only else list(range(len(images)))
+    groups: list[list[int]] = []
+    for i in order:
+        if groups and len(groups[-1]) < batch_size and (not decoder_only or
+                                                        len(prefixes[groups[-1][0]]) == len(prefixes[i])):
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+
+    def token_sum(logp_rows: torch.Tensor, ids: Sequence[int]) -> float:
+        lp = torch.log_softmax(logp_rows.float(), dim=-1)
+        return float(lp.gather(1, torch.as_tensor(list(ids), device=lp.device)[:, None]).sum())
+
+    with torch.inference_mode():
+        for group in tqdm(groups, desc="rank", disable=_disable(progress), leave=False):
+            g = len(group)
+            pixel = image_batch(adapter, [images[i] for i in group])
+            ids, mask = _right_pad([prefixes[i] for i in group], pad)
+            ids, mask = ids.to(device), mask.to(device)
+            if decoder_only:
+                out = model(pixel_values=pixel, input_ids=ids, attention_mask=mask, use_cache=True)
+                cache = _output_cache(out.language_model_outputs)
+                first = out.logits[:, -1]  # predicts each candidate's first token
+            else:
+                dec0 = torch.full((g, 1), start, dtype=torch.long, device=device)
+                out = model(pixel_values=pixel, input_ids=ids, attention_mask=mask, decoder_input_ids=dec0,
+                            use_cache=False)
+                enc = out.language_model_outputs.encoder_last_hidden_state
+            per = max(1, candidate_batch // g)  # candidates per LM pass: g x per rows
+            for c0 in range(0, n_cand, per):
+                cs = list(range(c0, min(n_cand, c0 + per)))
+                k = len(cs)
+                targets = [cand_ids(prompts[q])[j] for q in group for j in cs]  # row = question-major
+                if decoder_only:
+                    for r, t in enumerate(targets):
+                        scores[group[r // k], cs[r % k]] = token_sum(first[r // k : r // k + 1], t[:1])
+                    rest = [t[:-1] for t in targets]  # inputs: every target token but the last
+                    if max(len(x) for x in rest) == 0:
+                        continue
+                    cin, cmask = _right_pad([x if x else [pad] for x in rest], pad)
+                    for r, x in enumerate(rest):
+                        cmask[r, len(x):] = 0
+                    past = copy.deepcopy(cache)
+                    past.batch_repeat_interleave(k)
+                    full_mask = torch.cat([mask.repeat_interleave(k, dim=0), cmask.to(device)], dim=1)
+                    logits = lm(input_ids=cin.to(device), attention_mask=full_mask, use_cache=True,
+                                **{_cache_kwarg(lm): past}).logits
+                    for r, t in enumerate(targets):
+                        if len(t) > 1:  # logit i (after target token i) scores target token i + 1
+                            scores[group[r // k], cs[r % k]] += token_sum(logits[r, : len(t) - 1], t[1:])
+                else:
+                    din, dmask = _right_pad([[start] + t[:-1] for t in targets], pad)
+                    logits = lm(encoder_outputs=BaseModelOutput(last_hidden_state=enc.repeat_interleave(k, dim=0)),
+                                attention_mask=mask.repeat_interleave(k, dim=0), decoder_input_ids=din.to(device),
+                                decoder_attention_mask=dmask.to(device), use_cache=False).logits
+                    for r, t in enumerate(targets):
+                        scores[group[r // k], cs[r % k]] = token_sum(logits[r, : len(t)], t)
+    best = scores.argmax(axis=1)
+    return [candidates[int(b)] for b in best], scores
+
+
+def _right_pad(seqs: Sequence[Sequence[int]], value: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(list(s), dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
 def score_vqa(predictions: Sequence[str], answers: Sequence[Any], *, metric: str = "vqa") -> float:
     """VQA accuracy in percent: ``metric="vqa"`` is the VQAv2 soft accuracy over the 10 human answers
     (official VQA eval); ``"exact_match"`` is GQA's exact match against one answer."""
@@ -358,18 +566,47 @@ def vqa_item_scores(predictions: Sequence[str], answers: Sequence[Any], *, metri
     raise UserError(f"unknown VQA metric {metric!r}: use 'vqa' or 'exact_match'")
 
 
+def _check_inference(inference: str) -> None:
+    if inference not in VQA_INFERENCE:
+        raise UserError(f"unknown VQA inference {inference!r}: use 'generate' (free-form answers) or 'rank' "
+                        "(pick the likeliest answer of an answer list)")
+
+
+def rows_answer_list(rows: Sequence[Mapping[str, Any]], key: str = "answers") -> list[str]:
+    """The distinct reference answers of VQA rows (``answers`` lists, or GQA's ``answer``), stripped, sorted."""
+    found: set[str] = set()
+    for r in rows:
+        refs = r.get(key)
+        for a in ([refs] if isinstance(refs, str) else list(refs or [])):
+            if str(a).strip():
+                found.add(str(a).strip())
+    return sorted(found)
+
+
 def vqa(adapter, questions: Sequence[Mapping[str, Any]], *, prompt: str = VQA_PROMPT, max_new_tokens: int = 10,
         min_new_tokens: int = 1, num_beams: int = 5, length_penalty: float = -1.0, batch_size: int = 16,
-        limit: int | None = None, metric: str | None = None, progress: bool | None = None) -> dict[str, Any]:
+        limit: int | None = None, metric: str | None = None, inference: str = "generate",
+        answer_list: Sequence[str] | None = None, progress: bool | None = None) -> dict[str, Any]:
     """Zero-shot VQA with BLIP-2 (ECoFLaP Table 1; LAVIS's VQAv2/OK-VQA/GQA zero-shot settings:
     prompt ``"Question: {} Short answer:"``, beam 5, at most 10 tokens, length penalty -1).
 
     ``questions``: rows ``{"image", "question", "answers": [...]}`` (VQAv2/OK-VQA, scored with the VQA
     soft accuracy) or ``{"image", "question", "answer": str}`` (GQA, exact match). Returns
-    ``vqa_accuracy`` (percent), ``n``, ``intervals`` (of ``vqa_accuracy``, over questions) and the
-    ``predictions``.
+    ``vqa_accuracy`` (percent), ``n``, ``intervals`` (of ``vqa_accuracy``, over questions), the
+    ``predictions`` and ``inference``.
+
+    ``inference="generate"`` (the paper's and LAVIS's BLIP-2 setting) generates free-form answers;
+    ``"rank"`` predicts, per question, the candidate of ``answer_list`` with the highest likelihood
+    (:func:`rank_answers`, LAVIS's BLIP VQA ``inference_method="rank"``; the generation settings are then
+    unused). Without ``answer_list`` the candidates are the distinct reference answers of the evaluated rows
+    (:func:`rows_answer_list`), which makes the task a closed-set choice among answers that occur. With
+    rank the result also holds ``answer_list``: which list was used.
     """
     _check_positive(limit, "limit")
+    _check_inference(inference)
+    if answer_list is not None and inference != "rank":
+        raise UserError("an answer list is only used by rank inference: pass inference='rank' "
+                        "(--vqa-inference rank) or drop the answer list")
     if "{}" not in prompt:
         raise UserError(f"VQA prompt {prompt!r} has no '{{}}' where the question goes")
     rows = formats.check_rows(questions, ("image", "question"), "VQA",
@@ -382,15 +619,32 @@ def vqa(adapter, questions: Sequence[Mapping[str, Any]], *, prompt: str = VQA_PR
         if key not in r:
             raise UserError(f"VQA row {i} has no {key!r} field: VQAv2/OK-VQA rows need 'answers' (a list), "
                             "GQA rows need 'answer' (a string)")
-    preds = generate_answers(adapter, [r["image"] for r in rows], [prompt.format(r["question"]) for r in rows],
-                             max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams,
-                             length_penalty=length_penalty, batch_size=batch_size, progress=progress)
+    images, prompts = [r["image"] for r in rows], [prompt.format(r["question"]) for r in rows]
+    extra: dict[str, Any] = {"inference": inference}
+    if inference == "rank":
+        if answer_list is None:
+            cands = rows_answer_list(rows, key)
+            extra["answer_list"] = f"from the evaluated rows ({len(cands)} answers)"
+        else:
+            if isinstance(answer_list, (str, os.PathLike)):
+                raise UserError("answer_list must be a list of answers, not a path: read the file first "
+                                "(formats.read_lines) or pass it to evaluate()/--answer-list")
+            cands = [str(a) for a in answer_list]
+            extra["answer_list"] = f"given ({len(cands)} answers)"
+        if not cands:
+            raise UserError("the answer list for rank inference is empty: give --answer-list FILE with one answer "
+                            "per line, or rows whose reference answers are not empty")
+        preds, _ = rank_answers(adapter, images, prompts, cands, batch_size=batch_size, progress=progress)
+    else:
+        preds = generate_answers(adapter, images, prompts, max_new_tokens=max_new_tokens,
+                                 min_new_tokens=min_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
+                                 batch_size=batch_size, progress=progress)
     refs = [r[key] for r in rows]
     acc = score_vqa(preds, refs, metric=metric)
     return {"vqa_accuracy": acc, "n": len(rows),
             "intervals": item_interval(vqa_item_scores(preds, refs, metric=metric), acc, "vqa_accuracy"),
             "predictions": [{"question_id": r.get("question_id", i), "question": r["question"], "prediction": p,
-                             key: r[key]} for i, (r, p) in enumerate(zip(rows, preds))]}
+                             key: r[key]} for i, (r, p) in enumerate(zip(rows, preds))], **extra}
 
 
 def score_captions(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
@@ -614,18 +868,25 @@ def evaluate(adapter, task: str | None = None, data: Any = None, *, limit: int |
              annotations: str | os.PathLike | None = None, image_root: str | os.PathLike | None = None,
              split: str | None = "test", prompt: str | None = None, max_new_tokens: int | None = None,
              num_beams: int | None = None, window: int | None = None, stride: int | None = None,
+             vqa_inference: str = "generate", answer_list: Any = None,
              progress: bool | None = None) -> dict[str, Any]:
     """Evaluate ``adapter`` on ``task`` (zeroshot, retrieval, vqav2, okvqa, gqa, caption, perplexity).
 
     ``data`` is a path in the task's standard format (data/BENCHMARKS.md), an in-memory set, or None
     for the model's bundled held-out set (``adapter.bundled_eval_data(task)``). ``classnames`` and
     ``templates`` are lists or files (one per line). ``window`` defaults to min(512, model context).
+    VQA tasks take ``vqa_inference`` (``"generate"``, or ``"rank"``: :func:`vqa`) and, for rank,
+    ``answer_list`` (a list or a file: one answer per line, or a JSON list; default: the evaluated rows' answers).
     Returns the task's metrics, ``intervals`` (``{headline metric: [low, high]}``, 95 % bootstrap over the
     evaluated items; see the module docstring) and ``predictions`` / ``clip_benchmark`` where there are some.
     """
     task = resolve_task(adapter, task)
     _check_positive(limit, "limit")
     _check_positive(batch_size, "batch_size")
+    _check_inference(vqa_inference)
+    if task not in VQA_TASKS and (vqa_inference != "generate" or answer_list is not None):
+        raise UserError(f"--vqa-inference rank and --answer-list apply to the VQA tasks ({', '.join(VQA_TASKS)}), "
+                        f"not to {task!r}: drop them")
     if isinstance(data, (str, os.PathLike)) and not Path(data).exists():
         raise UserError(f"--data {data} does not exist: give the path of the {task} data (see data/BENCHMARKS.md)")
     bundled = data is None
@@ -633,6 +894,7 @@ def evaluate(adapter, task: str | None = None, data: Any = None, *, limit: int |
         data = _bundled(adapter, task)
     classnames = _as_list(classnames, "class names")
     templates = _as_list(templates, "templates")
+    answer_list = _as_list(answer_list, "answer list")
     if task == "zeroshot":
         if isinstance(data, Mapping):
             classnames = classnames or data.get("classnames")
@@ -657,7 +919,7 @@ def evaluate(adapter, task: str | None = None, data: Any = None, *, limit: int |
                 q, a = formats.find_vqa_files(data, annotations)
                 data = formats.read_vqa(q, a, image_root=image_root)
         return vqa(adapter, data, prompt=prompt or VQA_PROMPT, metric="exact_match" if task == "gqa" else "vqa",
-                   **gen)
+                   inference=vqa_inference, answer_list=answer_list, **gen)
     if task == "caption":
         return caption(adapter, data, prompt=prompt, image_root=image_root,
                        split=split, **gen)
@@ -727,10 +989,12 @@ def run_evaluate(*, model: str, task: str | None = None, data: str | None = None
                  dtype: str = "float32", classnames: str | None = None, templates: str | None = None,
                  annotations: str | None = None, image_root: str | None = None, split: str | None = "test",
                  prompt: str | None = None, max_new_tokens: int | None = None, num_beams: int | None = None,
-                 window: int | None = None, stride: int | None = None, overwrite: bool = False,
+                 window: int | None = None, stride: int | None = None, vqa_inference: str = "generate",
+                 answer_list: str | None = None, overwrite: bool = False,
                  progress: bool | None = None) -> dict[str, Any]:
     """The ``evaluate`` command: load ``model`` (a name or a pruned run's folder), evaluate, and write
-    ``out/results.json`` (plus ``predictions.json`` / ``clip_benchmark.json``) atomically."""
+    ``out/results.json`` (plus ``predictions.json`` / ``clip_benchmark.json``) atomically. For VQA tasks the
+    record's config holds ``vqa_inference`` and, with rank, ``answer_list`` (the file, or which list was used)."""
     from .io import atomic_dir, check_out_dir, write_json_atomic
     from .measure import Resources
     from .models import load_model
@@ -739,8 +1003,12 @@ def run_evaluate(*, model: str, task: str | None = None, data: str | None = None
         raise UserError(f"unknown task {task!r}; choose one of {', '.join(TASKS)}")
     _check_positive(limit, "--limit")
     _check_positive(batch_size, "--batch-size")
+    if vqa_inference not in VQA_INFERENCE:
+        raise UserError(f"unknown --vqa-inference {vqa_inference!r}: use generate or rank")
+    if answer_list is not None and vqa_inference != "rank":
+        raise UserError("--answer-list is only used with --vqa-inference rank: add it, or drop --answer-list")
     for path, flag in ((data, "--data"), (classnames, "--classnames"), (templates, "--templates"),
-                       (annotations, "--annotations"), (image_root, "--image-root")):
+                       (annotations, "--annotations"), (image_root, "--image-root"), (answer_list, "--answer-list")):
         if path is not None and not Path(path).exists():
             raise UserError(f"{flag} {path} does not exist: check the path (see data/BENCHMARKS.md)")
     check_out_dir(out, overwrite)
@@ -752,7 +1020,7 @@ def run_evaluate(*, model: str, task: str | None = None, data: str | None = None
         result = evaluate(adapter, task, data, limit=limit, batch_size=batch_size, classnames=classnames,
                           templates=templates, annotations=annotations, image_root=image_root, split=split,
                           prompt=prompt, max_new_tokens=max_new_tokens, num_beams=num_beams, window=window,
-                          stride=stride, progress=progress)
+                          stride=stride, vqa_inference=vqa_inference, answer_list=answer_list, progress=progress)
     pcfg = getattr(adapter, "pruning_config", None) or {}
     nums, extras = split_metrics(result)
     config = {"data": str(data) if data is not None else "bundled", "limit": limit, "batch_size": batch_size,
@@ -762,6 +1030,11 @@ def run_evaluate(*, model: str, task: str | None = None, data: str | None = None
                      ("annotations", annotations), ("image_root", image_root)):
         if val is not None:
             config[key] = val
+    if task in VQA_TASKS:
+        config["vqa_inference"] = result.get("inference", vqa_inference)
+        if config["vqa_inference"] == "rank":
+            used = result.get("answer_list")
+            config["answer_list"] = f"{answer_list}: {used}" if answer_list is not None else used
     if pcfg:
         config.update(pruned_run=str(model), allocation=pcfg.get("allocation"),
                       actual_sparsity=pcfg.get("actual_sparsity"), nm=pcfg.get("nm"))
