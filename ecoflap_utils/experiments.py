@@ -96,6 +96,114 @@ def coarse_scores(adapter: ModelAdapter, scores: str, *, calibration=None, sampl
     return sc, dict(res)
 
 
+def calibration_for(adapter: ModelAdapter, source: Any, n: int, seed: int = 0,
+                    **kw) -> tuple[list[Any], dict[str, Any] | None]:
+    """``n`` calibration samples for ``adapter`` and the record of where they came from: ``(samples, source_record)``.
+
+    ``source`` is the notebooks' ``CALIBRATION`` parameter: ``None`` draws the model's own samples (bundled or
+    generated: ``adapter.calibration_samples(n, seed)``; the record is ``None``), a path reads ``n`` items from disk with
+    :func:`ecoflap_utils.data.calibration.load_calibration` (``kw``: its ``format``, ``image_root``, ``seq_len``,
+    ``template``, ``clip_objective``); the record is then its ``{"path", "format", "count", "seed", "ids_sha256",
+    ...}``, what :func:`sparsity_sweep` keeps per stage under ``config.calibration`` (:func:`calibration_config`)."""
+    if source is None:
+        return adapter.calibration_samples(n, seed), None
+    from .data.calibration import load_calibration
+
+    return load_calibration(adapter, source, n=n, seed=seed, **kw)
+
+
+def calibration_config(protocol: str | None = None, *, fine: Mapping[str, Any] | None = None,
+                       first_stage: Mapping[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    """A record's ``config`` with the ``protocol`` and where each stage's calibration came from, in
+    :func:`sparsity_sweep`'s layout: ``calibration: {"fine": ..., "first_stage": ...}`` (:func:`calibration_for`'s
+    records; a stage whose samples were generated, or that did not run, is left out, and so is ``calibration``
+    when both are)."""
+    conf = {**extra, "protocol": protocol}
+    stages = {k: dict(v) for k, v in (("fine", fine), ("first_stage", first_stage)) if v is not None}
+    if stages:
+        conf["calibration"] = stages
+    return conf
+
+
+def calibration_per_dataset(calibration: Mapping[str, Any] | None, datasets: Mapping[str, Any]) -> dict[str, Any]:
+    """Notebook 05's ``CALIBRATION``: ``{dataset name: calibration path}`` for every name of ``datasets`` (its
+    ``DATASETS``, or ``{"bundled": None}``). ``None`` gives ``None`` (generated samples) for each; a mapping must
+    name exactly the datasets (each is calibrated on its own train split, as the official CoOp code does)."""
+    from .errors import UserError
+
+    if calibration is None:
+        return {name: None for name in datasets}
+    if not isinstance(calibration, Mapping):
+        raise UserError(f"CALIBRATION must map each dataset to its calibration data (e.g. {{name: /data/name/train}}), "
+                        f"got {calibration!r}")
+    missing, extra = [n for n in datasets if n not in calibration], [n for n in calibration if n not in datasets]
+    if missing or extra:
+        raise UserError(f"CALIBRATION names {', '.join(map(str, calibration)) or 'no dataset'} but the datasets are "
+                        f"{', '.join(map(str, datasets))}: give one calibration path per dataset")
+    return {name: calibration[name] for name in datasets}
+
+
+def _paper_preset(adapter: ModelAdapter, protocol: str | None, *, method: str = "wanda",
+                  allocation: str = "ecoflap", scores: str = "zeroth") -> dict[str, Any] | None:
+    from . import protocol as P
+
+    if P.check_protocol(protocol) is None:
+        return None
+    stacks = list(getattr(adapter, "default_stacks", None) or adapter.stacks())
+    return P.paper_settings(adapter.family, method=method, allocation=allocation, scores=scores, stacks=stacks)[0]
+
+
+def prune_settings(adapter: ModelAdapter, protocol: str | None, method: str = "wanda") -> dict[str, Any]:
+    """:func:`~ecoflap_utils.prune.prune`'s ``batch_size`` and ``comparison`` for a uniform ``method`` run under
+    ``protocol`` (``{}`` without one; with ``"paper"`` the official code's values for the model's family, e.g.
+    per-matrix Wanda on BLIP-2's vision encoder, as :func:`sparsity_sweep` uses them)."""
+    ps = _paper_preset(adapter, protocol, method=method, allocation="uniform")
+    return {} if ps is None else {"batch_size": ps["batch_size"], "comparison": ps["comparison"]}
+
+
+def score_settings(adapter: ModelAdapter, protocol: str | None, scores: str = "zeroth") -> dict[str, Any]:
+    """:func:`coarse_scores`' keyword arguments for ``scores`` under ``protocol`` (``{}`` without one; with
+    ``"paper"``: the first-stage ``batch_size``, ``granularity`` and, for zeroth order, the estimator: per tensor,
+    central difference, eps 1e-3, one direction; for first order the ``variant``), as :func:`sparsity_sweep`
+    computes its coarse-stage scores."""
+    ps = _paper_preset(adapter, protocol, scores=scores)
+    if ps is None:
+        return {}
+    kw = {"batch_size": ps["first_stage_batch_size"], "granularity": ps["granularity"]}
+    if scores == "first":
+        return {**kw, "variant": ps.get("variant", "grad")}
+    if scores == "zeroth":
+        return {**kw, **{k: ps[k] for k in ("perturb", "difference", "eps", "num_noise")}}
+    return kw
+
+
+def check_protocol_parameters(adapter: ModelAdapter, protocol: str | None, *, scores: str = "zeroth",
+                              **given: Any) -> None:
+    """Refuse notebook parameters that ``protocol`` would replace with other values, so none is silently ignored.
+
+    ``given``: the notebook's values by setting, e.g. ``calib_samples=CALIB_SAMPLES, first_stage_samples=
+    FIRST_STAGE_SAMPLES, perturb=PERTURB, seq_len=SEQ_LEN`` (``None`` values are not checked). With ``"paper"``
+    each is compared with the preset of the model's family (Wanda fine stage, ECoFLaP allocation, ``scores``); a
+    contradiction raises ``UserError`` naming the parameter (upper case, as in the notebook) and both values."""
+    from . import protocol as P
+    from .errors import UserError
+
+    ps = _paper_preset(adapter, protocol, scores=scores)
+    if ps is None:
+        return
+    for key, value in given.items():
+        if value is None or key not in ps or P._same(key, value, ps[key], None):
+            continue
+        raise UserError(f"PROTOCOL {protocol!r} sets {key.upper()} {ps[key]} for {adapter.family} models, but "
+                        f"{key.upper()} is {value!r}: set {key.upper()}: {ps[key]} (or PROTOCOL: null for our settings)")
+
+
+def score_cache_key(scores: str, protocol: str | None = None) -> str:
+    """Where :func:`sparsity_sweep` keeps the coarse-stage scores of ``scores`` in its ``score_cache``:
+    ``"zeroth"``, or ``"zeroth|paper"`` under a protocol."""
+    return scores if protocol is None else f"{scores}|{protocol}"
+
+
 def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities: Sequence[float],
                    task: str | None = None, data=None, limit: int | None = None, calib_samples: int = 128,
                    first_stage_samples: int = 32, batch_size: int = 8, seed: int = 0, granularity: str = "block",
@@ -192,7 +300,7 @@ def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities:
                 sizes = {g: v["size"] for g, v in group_info(adapter, groups).items()}
                 key = spec.get("scores", "owl") if spec["allocation"] != "owl" else "owl"
                 first_calib, calib_rec["first_stage"] = samples(cfg["first_stage_samples"])
-                cache_key = key if protocol is None else f"{key}|{protocol}"
+                cache_key = score_cache_key(key, protocol)
                 if cache_key not in score_cache:
                     score_cache[cache_key] = coarse_scores(
                         adapter, key, calibration=first_calib, batch_size=cfg["first_stage_batch_size"],
@@ -222,11 +330,15 @@ def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities:
 
 def stack_sensitivity(adapter: ModelAdapter, *, sparsities: Sequence[float], method: str = "wanda",
                       task: str | None = None, data=None, limit: int | None = None, calib_samples: int = 64,
-                      seed: int = 0, by: str = "modality", eval_kw: Mapping[str, Any] | None = None
-                      ) -> list[dict[str, Any]]:
+                      seed: int = 0, by: str = "modality", eval_kw: Mapping[str, Any] | None = None,
+                      calibration: str | None = None, protocol: str | None = None) -> list[dict[str, Any]]:
     """Prune one modality (or stack) at a time with uniform layer-wise pruning (ECoFLaP Fig. 1, right).
 
     Shows how much each module can lose before the task breaks: the reason for a global view.
+    ``calibration``: a path read with :func:`calibration_for` (None: generated samples); records carry its
+    record under ``config.calibration.fine``. ``protocol="paper"``: the official code's calibration size, batch size
+    and comparison for the model's family (:func:`prune_settings`); records carry ``config.protocol`` and
+    ``config.protocol_settings``.
     """
     task = task or getattr(adapter, "default_task", None)
     keys: dict[str, list[str]] = {}
@@ -234,31 +346,37 @@ def stack_sensitivity(adapter: ModelAdapter, *, sparsities: Sequence[float], met
         keys.setdefault(getattr(b, by), [])
         if b.stack not in keys[getattr(b, by)]:
             keys[getattr(b, by)].append(b.stack)
-    calib = adapter.calibration_samples(calib_samples, seed)
+    kw = prune_settings(adapter, protocol, method)
+    if kw:
+        calib_samples = _paper_preset(adapter, protocol, method=method, allocation="uniform")["calib_samples"]
+    calib, source = calibration_for(adapter, calibration, calib_samples, seed)
+    conf = calibration_config(protocol, fine=source, calib_samples=calib_samples,
+                              **({"protocol_settings": kw} if kw else {}))
     out = []
     for key, stacks in keys.items():
         for s in sparsities:
             with restored(adapter):
                 if s > 0:
                     prune(adapter, s, method=method, calibration=calib, stacks=stacks, return_masks=False,
-                          progress=False)
+                          progress=False, **kw)
                 m, iv = evaluate_task_with_intervals(adapter, task, data, limit, **(eval_kw or {}))
             out.append(record(adapter.name, f"{method} ({key} only)", s, task, m,
-                              config={"pruned": key, "stacks": stacks}, intervals=iv))
+                              config={"pruned": key, "stacks": stacks, **conf}, intervals=iv))
     return out
 
 
 def weight_statistics(adapter: ModelAdapter, *, calib_samples: int = 16, batch_size: int = 8, seed: int = 0,
-                      max_values: int = 20000) -> dict[str, dict[str, np.ndarray]]:
+                      max_values: int = 20000, calibration: str | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Per modality: samples of |W|, Wanda scores |W| * ||X||, and |dL/dW| (ECoFLaP Fig. 1, left).
 
-    Values are subsampled (seeded) to ``max_values`` per modality and kind.
+    Values are subsampled (seeded) to ``max_values`` per modality and kind. ``calibration``: a path read with
+    :func:`calibration_for` (None: the model's generated samples).
     """
     from .stats import input_statistics, wanda_scores
 
     names = adapter.layer_names()
     block_of = adapter.block_of()
-    calib = adapter.calibration_samples(calib_samples, seed)
+    calib = calibration_for(adapter, calibration, calib_samples, seed)[0]
     flags = {n: p.requires_grad for n, p in adapter.model.named_parameters()}
     try:
         for n, p in adapter.model.named_parameters():
@@ -322,13 +440,15 @@ def score_agreement(adapter: ModelAdapter, *, sample_counts: Sequence[int] = (8,
 
 def loss_landscape(adapter: ModelAdapter, *, alphas: Sequence[float] = tuple(np.linspace(-1, 1, 11)),
                    directions: int = 3, by: str = "modality", samples: int = 8, batch_size: int = 8,
-                   seed: int = 0) -> dict[str, np.ndarray]:
+                   seed: int = 0, calibration: str | None = None) -> dict[str, np.ndarray]:
     """Loss along random directions in each module's weights (ECoFLaP Fig. 6).
 
     A direction d has, per tensor, the shape of W and the norm of W (filter-normalised, Li et al. 2018);
-    the curve is L(W + alpha d) - L(W). Returns ``{module: array (directions, len(alphas))}``.
+    the curve is L(W + alpha d) - L(W). Returns ``{module: array (directions, len(alphas))}``. The loss is
+    on ``samples`` calibration samples (``calibration``: a path read with :func:`calibration_for`; None:
+    generated).
     """
-    batches = adapter.batches(adapter.calibration_samples(samples, seed), batch_size)
+    batches = adapter.batches(calibration_for(adapter, calibration, samples, seed)[0], batch_size)
 
     def loss() -> float:
         with torch.no_grad():

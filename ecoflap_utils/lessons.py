@@ -290,15 +290,16 @@ def official_local_scores(method: str = "wanda", path: str | Path | None = None)
 
 
 def local_wanda_scores(adapter: ModelAdapter, calibration: Sequence[Any], *, sparsity: float = 0.5,
-                       batch_size: int = 8) -> dict[str, float]:
+                       batch_size: int = 8, comparison: Any = "row") -> dict[str, float]:
     """The official "local score of Wanda" of every pruned weight tensor: mean_ij |W_ij| sqrt(scaler_row_j).
 
     As in the authors' LAVIS code (``wanda_pruner.py``: ``WrappedGPT.add_batch`` and ``W_metric``, which their
     ``LAVIS/plot.py`` plots from ``importance_scores/*.pth``), scaler_row_j is the sum over calibration tokens
     of x_j^2 divided by the number of calibration samples, and the statistics of each block are gathered
     while pruning block by block with uniform Wanda at ``sparsity`` (their files: 0.5), so a block's inputs
-    come from the pruned blocks before it. The model's weights are restored afterwards.
-    Returns ``{weight name: score}`` in model order.
+    come from the pruned blocks before it (``batch_size`` and ``comparison`` as in ``prune``: the official
+    BLIP-2 code compares per matrix on the vision encoder, ``experiments.prune_settings(adapter, "paper")``).
+    The model's weights are restored afterwards. Returns ``{weight name: score}`` in model order.
     """
     from .experiments import restored
     from .prune import prune
@@ -314,7 +315,7 @@ def local_wanda_scores(adapter: ModelAdapter, calibration: Sequence[Any], *, spa
 
     with restored(adapter):
         prune(adapter, sparsity, method="wanda", calibration=list(calibration), batch_size=batch_size,
-              return_masks=False, progress=False, on_scores=record)
+              comparison=comparison, return_masks=False, progress=False, on_scores=record)
     return {w: sink[w] for w in adapter.layer_names() if w in sink}
 
 
@@ -343,11 +344,14 @@ def modality_medians(rows: Sequence[Mapping[str, Any]]) -> dict[str, float]:
 
 def notebook02_records(model: str, agreement: Sequence[Mapping[str, Any]], differences: Sequence[Mapping[str, Any]],
                        costs: Sequence[Mapping[str, Any]], default: ScoreResult, *, samples: int,
-                       low_memory_diff: float | None = None) -> list[dict[str, Any]]:
+                       low_memory_diff: float | None = None,
+                       calibration: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
     """Notebook 02's results records: ``score_agreement`` (spearman by samples, one method per estimator and
     reference), ``finite_difference`` (forward vs central by eps), ``cost`` (wall_s, peak_delta_mb per method;
     the low-memory first order also carries its ``max_rel_diff`` to plain) and ``stability`` (the default run's
-    split-half stability, when it has one). Non-finite values are left out."""
+    split-half stability, when it has one). Non-finite values are left out. ``calibration``: where the samples
+    came from (``experiments.calibration_for``'s record; None: generated), kept as ``sparsity_sweep`` keeps a coarse
+    stage's: under ``config.calibration.first_stage``."""
     from .experiments import record
 
     def finite(d: Mapping[str, Any]) -> dict[str, float]:
@@ -372,4 +376,7 @@ def notebook02_records(model: str, agreement: Sequence[Mapping[str, Any]], diffe
     if default.stability is not None:
         out.append(record(model, "zeroth per tensor", 0.0, "stability", {"stability": default.stability},
                           config={"split": default.split, "batches": len(default.per_batch)}))
+    if calibration is not None:
+        for r in out:
+            r["config"]["calibration"] = {"first_stage": dict(calibration)}
     return out

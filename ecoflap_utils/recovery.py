@@ -56,14 +56,17 @@ def recovery_curves(adapter: ModelAdapter, *, methods: Sequence[str], sparsities
                     calib_samples: int = 64, first_stage_samples: int = 32, seed: int = 0, num_beams: int = 1,
                     include_dense: bool = True, score_cache: dict | None = None, autocast: bool = False,
                     check_pattern: bool = True, progress: bool | None = None,
-                    perturb: str = "tensor") -> list[dict[str, Any]]:
+                    perturb: str = "tensor", protocol: str | None = None,
+                    calibration: str | None = None) -> list[dict[str, Any]]:
     """Prune (``sparsity_sweep``'s path), evaluate, fine-tune masked for ``steps`` steps and evaluate every
     ``eval_every`` steps (None: only at the end) on ``eval_limit`` held-out items of ``task`` (``data``: its path,
     None the bundled set); returns records as the module docstring says (dense first when ``include_dense``).
 
     ``stacks``: what ``finetune`` trains (None: its default, the Q-Former for BLIP-2); ``ft_data``: its data (None:
     the model's bundled training samples). With ``check_pattern`` every curve asserts that the zero pattern of the
-    pruned weights is the same after fine-tuning. The model's weights are put back after each curve."""
+    pruned weights is the same after fine-tuning. The model's weights are put back after each curve.
+    ``protocol`` and ``calibration`` (a path) prune as in :func:`~ecoflap_utils.experiments.sparsity_sweep` (the
+    paper's settings; calibration read from disk, recorded under ``config.calibration``)."""
     chosen = resolve_stacks(adapter, stacks)
     eval_kw = {"num_beams": num_beams} if getattr(adapter, "family", None) == "blip2" else {}
     ft_conf = {"stacks": chosen, "trained": _trained(chosen), "lr": float(lr), "batch_size": int(batch_size),
@@ -105,7 +108,8 @@ def recovery_curves(adapter: ModelAdapter, *, methods: Sequence[str], sparsities
     return sparsity_sweep(adapter, methods=methods, sparsities=sparsities, task=task, data=data, limit=eval_limit,
                           calib_samples=calib_samples, first_stage_samples=first_stage_samples, seed=seed,
                           include_dense=include_dense, eval_kw=eval_kw, score_cache=score_cache,
-                          progress=progress, on_pruned=on_pruned, perturb=perturb)
+                          progress=progress, on_pruned=on_pruned, perturb=perturb, protocol=protocol,
+                          calibration=calibration)
 
 
 def final_records(records: Sequence[Mapping[str, Any]], *, finetuned: bool | None = None,

@@ -11,7 +11,9 @@ A grid file (YAML) holds one entry, or a list of them under ``runs:``::
 Each point of the product of ``grid`` values is one run with its own folder under ``out_dir``, named from
 the notebook's stem and the grid values (``04_prune_blip2/method=wanda,sparsity=0.5``). The runner injects
 ``OUT_DIR`` (that folder, absolute) and the parameters into the notebook's ``parameters`` cell with papermill
-and keeps the executed notebook there.
+and keeps the executed notebook there. Every parameter a grid names must be assigned in that cell (read with
+``papermill.inspect_notebook``): an unknown name, which papermill would inject and nothing would read, is
+refused with a ``UserError`` when the grid is expanded, before anything runs.
 
 How a run is made safe to resume (our choice among "temporary folder moved into place" and "mark complete
 last"): the notebook writes straight into its final run folder, because ``OUT_DIR`` is often recorded inside
@@ -223,6 +225,7 @@ def _expand_entry(entry, at: str, bases: Sequence[Path]) -> list[RunSpec]:
                             f"notebook's parameters cell")
         if k in RESERVED:
             raise UserError(f"{at}: {k} is set by the runner (each run's folder): remove it from the grid file")
+    _check_parameter_names(list(params) + [k for k in grid if k not in params], notebook, entry["notebook"], at)
     for k, vals in grid.items():
         if not isinstance(vals, (list, tuple)):
             raise UserError(f"{at}.grid.{k} must be a list of values, got {vals!r}: write {k}: [{_value_text(vals)}]")
@@ -239,6 +242,47 @@ def _expand_entry(entry, at: str, bases: Sequence[Path]) -> list[RunSpec]:
         out.append(RunSpec(name=run_name(notebook.stem, varying, p, template), notebook=notebook,
                            parameters=p, varying=varying))
     return out
+
+
+_PARAMS_CACHE: dict[tuple[str, int], dict[str, dict]] = {}
+
+
+def notebook_parameters(notebook: str | os.PathLike) -> dict[str, dict]:
+    """The parameters of a notebook's ``parameters`` cell: ``papermill.inspect_notebook``'s ``{name: {"name",
+    "inferred_type_name", "default", "help"}}`` (cached per file and modification time). Raises ``UserError``
+    when the notebook has no cell tagged ``parameters``, where papermill would inject the values at the top
+    and nothing would read them."""
+    path = Path(notebook).resolve()
+    key = (str(path), path.stat().st_mtime_ns)
+    if key not in _PARAMS_CACHE:
+        import nbformat
+        import papermill as pm
+
+        nb = nbformat.read(path, as_version=4)
+        if not any("parameters" in c.get("metadata", {}).get("tags", []) for c in nb.cells):
+            raise UserError(f"{path.name} has no cell tagged 'parameters', so a grid cannot set anything in it: "
+                            f"tag the cell that assigns its parameters (jupytext: '# %% tags=[\"parameters\"]')")
+        _PARAMS_CACHE[key] = pm.inspect_notebook(str(path))
+    return _PARAMS_CACHE[key]
+
+
+def _check_parameter_names(names: Sequence[str], notebook: Path, given: str, at: str) -> None:
+    """Refuse, before anything runs, a grid parameter the notebook's parameters cell does not assign: papermill
+    would inject it and nothing would read it."""
+    import difflib
+
+    have = notebook_parameters(notebook)
+    unknown = [k for k in names if k not in have]
+    if not unknown:
+        return
+    known = [k for k in have if k not in RESERVED]
+    hints = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, known, n=1, cutoff=0.6) or [c for c in known if c.lower() == k.lower()]
+        hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    what = "is not a parameter" if len(unknown) == 1 else "are not parameters"
+    raise UserError(f"{at}: {', '.join(hints)} {what} of {given} (its parameters: {', '.join(known)}): fix the "
+                    f"name, or add it to the notebook's parameters cell")
 
 
 # --------------------------------------------------------------------------------------------- kernel

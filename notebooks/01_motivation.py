@@ -32,6 +32,8 @@ CALIB_SAMPLES: int = 32  # calibration samples for Wanda statistics and gradient
 EVAL_LIMIT: int = 200  # held-out examples evaluated per point (None: all)
 NUM_BEAMS: int = 1  # beam search width for answers (the paper, after LAVIS: 5; 1 is about 4x faster on a CPU)
 SEED: int = 0  # seed of calibration sampling
+PROTOCOL: str = None  # "paper": the official code's Wanda settings (batch, per-matrix vision comparison) for the local scores and module curves; None: ours
+CALIBRATION: str = None  # calibration data on disk for every cell (CC3M shards or COCO captions, data/BENCHMARKS.md); None: the model's own samples
 OUT_DIR: str = "runs/01_motivation"  # where results.json and figures go
 
 # %% [markdown]
@@ -43,6 +45,7 @@ OUT_DIR: str = "runs/01_motivation"  # where results.json and figures go
 
 # %%
 model = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+ex.check_protocol_parameters(model, PROTOCOL, calib_samples=CALIB_SAMPLES)  # refuses a CALIB_SAMPLES that PROTOCOL would change
 blocks = pd.DataFrame([{"block": b.name, "stack": b.stack, "modality": b.modality, "pruned": b.prunable,
                         "weights": sum(model.model.get_parameter(w).numel() for w in b.weights)}
                        for b in model.blocks])
@@ -54,9 +57,14 @@ blocks.groupby(["stack", "modality", "pruned"], sort=False).agg(blocks=("block",
 # For every prunable weight we collect its magnitude |W|, its Wanda score |W_ij|·‖X_j‖₂ (the input
 # norm comes from calibration data) and the magnitude of the loss gradient |∂L/∂W|. The histograms
 # use log-spaced bins: the modules differ by orders of magnitude, not by a few percent.
+#
+# Calibration data, here and below: the model's own samples by default (for `mini-blip2`, digits from its
+# bundled training split; for a BLIP-2 from the hub, generated images and token ids); with `CALIBRATION`
+# set, `CALIB_SAMPLES` image-caption pairs read from that path (`ecoflap_utils.data.calibration`), such as
+# the CC3M shards the paper calibrates on.
 
 # %%
-stats = ex.weight_statistics(model, calib_samples=CALIB_SAMPLES, seed=SEED)
+stats = ex.weight_statistics(model, calib_samples=CALIB_SAMPLES, seed=SEED, calibration=CALIBRATION)
 fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
 for ax, (kind, label) in zip(axes, [("weight", "|W|"), ("wanda", "Wanda score |W|·‖X‖"), ("gradient", "|∂L/∂W|")]):
     plots.hist_by_group(ax, {mod: v[kind] for mod, v in stats.items()}, xlabel=label, log=True)
@@ -83,14 +91,19 @@ pd.DataFrame({mod: {f"median {k}": float(pd.Series(v[k]).median()) for k in v} f
 # repository, which is under the MIT license (Copyright (c) 2022 Yi-Lin Sung; the license is
 # `data/official/LICENSE-ECoFLaP`). No model is needed to plot them. Beside them,
 # `lessons.local_wanda_scores` computes the same quantity for the model this notebook runs, in the
-# same way (uniform Wanda at 0.5, scores taken before each layer is pruned, weights restored after).
+# same way (uniform Wanda at 0.5, scores taken before each layer is pruned, weights restored after),
+# on this run's calibration samples; with `PROTOCOL: paper` the pruning uses the official code's batch
+# size and comparison (per matrix on the vision encoder), as the authors' runs did.
 
 # %%
 official = {m: pd.DataFrame(lessons.official_local_scores(m)) for m in ("wanda", "sparsegpt")}
-ours = lessons.local_wanda_scores(model, model.calibration_samples(CALIB_SAMPLES, SEED), sparsity=0.5)
+calib, source = ex.calibration_for(model, CALIBRATION, CALIB_SAMPLES, SEED)  # source: None when generated
+ours = lessons.local_wanda_scores(model, calib, sparsity=0.5, **ex.prune_settings(model, PROTOCOL))
 panels = {("blip2-flan-t5-xl", "wanda (authors' file)"): official["wanda"],
           ("blip2-flan-t5-xl", "sparsegpt (authors' file)"): official["sparsegpt"],
           (model.name, "wanda (this run)"): pd.DataFrame(lessons.local_score_rows(model, ours))}
+
+# %%
 colour = {"vision": plots.OKABE_ITO[0], "language": plots.OKABE_ITO[1]}
 fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
 for ax, ((name, method), df) in zip(axes, panels.items()):
@@ -99,7 +112,9 @@ for ax, ((name, method), df) in zip(axes, panels.items()):
     ax.set(yscale="log", xlabel="layer index (model order)", ylabel="local score", title=f"{name}: {method}")
     ax.legend()
 plots.save(fig, OUT_DIR, "01_local_scores")
-local = [ex.record(n, m, 0.5, "local_scores", lessons.modality_medians(df.to_dict("records"))) for (n, m), df in panels.items()]
+local = [ex.record(n, m, 0.5, "local_scores", lessons.modality_medians(df.to_dict("records")),
+                   config=ex.calibration_config(PROTOCOL, fine=source) if "this run" in m else None)
+         for (n, m), df in panels.items()]
 pd.DataFrame([{"model": r["model"], "scores": r["method"], **r["metrics"]} for r in local])
 
 # %% [markdown]
@@ -108,14 +123,16 @@ pd.DataFrame([{"model": r["model"], "scores": r["method"], **r["metrics"]} for r
 # Now prune *only* the vision blocks, or *only* the language blocks, with uniform Wanda, and measure the
 # task metric on held-out data. If the two curves fall at different sparsities, the modules tolerate
 # pruning differently — and a single sparsity for all layers is a compromise that ECoFLaP's coarse
-# stage (notebooks 02–03) replaces with a per-block sparsity from a global score.
+# stage (notebooks 02–03) replaces with a per-block sparsity from a global score. (`PROTOCOL: paper`
+# prunes with the official code's batch size and per-stack comparison; the records carry the protocol and,
+# with `CALIBRATION`, where the calibration samples came from.)
 
 # %%
 beams = {"num_beams": NUM_BEAMS}
 m, iv = ex.evaluate_task_with_intervals(model, limit=EVAL_LIMIT, **beams)
 dense = ex.record(model.name, "dense", 0.0, model.default_task, m, intervals=iv)
 sens = ex.stack_sensitivity(model, sparsities=SPARSITIES, calib_samples=CALIB_SAMPLES, limit=EVAL_LIMIT, seed=SEED,
-                            eval_kw=beams)
+                            eval_kw=beams, calibration=CALIBRATION, protocol=PROTOCOL)
 table = pd.DataFrame([{"pruned": r["config"].get("pruned", "nothing"), "sparsity": r["sparsity"], **r["metrics"]} for r in [dense] + sens])
 table
 

@@ -31,12 +31,25 @@ CAP_MARGINS: list = [0.05, 0.1, 0.2]  # cap on any block's sparsity: TARGET plus
 SCORES: str = "zeroth"  # zeroth, first, jvp or magnitude (zeroth and jvp: per tensor, the paper's estimator)
 FIRST_STAGE_SAMPLES: int = 32  # coarse-stage calibration samples (the paper: 32)
 SEED: int = 0  # seed
+PROTOCOL: str = None  # "paper": the block scores with the official code's estimator (batches, central difference) for the model's family; None: ours
+CALIBRATION: str = None  # calibration data on disk for the scores (CC3M shards, a CLIP train split, C4: data/BENCHMARKS.md); None: the model's own samples
 OUT_DIR: str = "runs/03_sparsity_allocation"  # where results.json and figures go
+
+# %% [markdown]
+# ## Block scores
+#
+# One global score per block from `FIRST_STAGE_SAMPLES` calibration samples: the model's own by default,
+# or, with `CALIBRATION` set, items read from that path (the records name it). Without `PROTOCOL` the
+# estimator takes our defaults (per tensor, forward difference, batches of 8); `PROTOCOL: paper` uses the
+# official code's settings for the model's family (central difference; batches of 8 for BLIP-2, 16 for CLIP,
+# 1 for LLaMA) and refuses a `FIRST_STAGE_SAMPLES` other than the paper's (32 for zeroth-order scores).
 
 # %%
 model = load_model(MODEL, device=DEVICE, dtype=DTYPE)
-calib = model.calibration_samples(FIRST_STAGE_SAMPLES, SEED)
-scores, cost = ex.coarse_scores(model, SCORES, calibration=calib, seed=SEED, progress=False)
+ex.check_protocol_parameters(model, PROTOCOL, scores=SCORES, first_stage_samples=FIRST_STAGE_SAMPLES)
+calib, source = ex.calibration_for(model, CALIBRATION, FIRST_STAGE_SAMPLES, SEED)  # source: None when generated
+est = ex.score_settings(model, PROTOCOL, SCORES)  # {}: our estimator settings
+scores, cost = ex.coarse_scores(model, SCORES, calibration=calib, seed=SEED, progress=False, **est)
 owl = owl_outlier_ratios(model, calib)
 groups = score_groups(model, "block")
 info = group_info(model, groups)
@@ -95,7 +108,7 @@ pd.DataFrame(caps)
 # size-weighted mean sparsity.
 
 # %%
-group_scores, group_cost = ex.coarse_scores(model, SCORES, calibration=calib, seed=SEED, progress=False, perturb="group")
+group_scores, group_cost = ex.coarse_scores(model, SCORES, calibration=calib, seed=SEED, progress=False, **{**est, "perturb": "group"})
 by_est = pd.DataFrame(lessons.allocation_by_estimator(model, {"per tensor": scores, "per group": group_scores}, TARGET))
 piv = by_est.pivot(index="group", columns="estimator", values="sparsity").loc[list(groups), ["per tensor", "per group"]]
 fig, ax = plt.subplots(figsize=(11, 3.8))
@@ -118,23 +131,25 @@ means
 gran = []
 for g_name in ("block", "module"):
     gs = score_groups(model, g_name)
-    sc, c = (group_scores, group_cost) if g_name == "block" else ex.coarse_scores(model, SCORES, calibration=calib, granularity=g_name, seed=SEED, progress=False, perturb="group")
+    sc, c = (group_scores, group_cost) if g_name == "block" else ex.coarse_scores(
+        model, SCORES, calibration=calib, seed=SEED, progress=False, **{**est, "perturb": "group", "granularity": g_name})
     sz = {g: v["size"] for g, v in group_info(model, gs).items()}
     sp = allocate_sparsity(sc, sz, TARGET)
     gran.append({"granularity": g_name, "groups": len(gs), "score_s": c["wall_s"], "min": min(sp.values()), "max": max(sp.values())})
 pd.DataFrame(gran)
 
 # %%
-records = []
+records, conf = [], ex.calibration_config(PROTOCOL, first_stage=source, first_stage_samples=FIRST_STAGE_SAMPLES)
 for method, g in alloc_df.groupby("allocation", sort=False):
     by_mod = g.groupby("modality").apply(lambda d: (d.sparsity * d["size"]).sum() / d["size"].sum(), include_groups=False)
     records.append(ex.record(model.name, method, TARGET, "allocation",
                              {"min_sparsity": g.sparsity.min(), "max_sparsity": g.sparsity.max(),
-                              **{f"{k}_sparsity": float(v) for k, v in by_mod.items()}}))
+                              **{f"{k}_sparsity": float(v) for k, v in by_mod.items()}}, config=conf))
 g = by_est[by_est.estimator == "per group"]
 records.append(ex.record(model.name, "ecoflap (per-group scores)", TARGET, "allocation",
                          {"min_sparsity": g.sparsity.min(), "max_sparsity": g.sparsity.max(),
-                          **{f"{k}_sparsity": v for k, v in lessons.modality_sparsity(g.to_dict("records"))["per group"].items()}}))
+                          **{f"{k}_sparsity": v for k, v in lessons.modality_sparsity(g.to_dict("records"))["per group"].items()}},
+                         config=conf))
 write_json_atomic(f"{OUT_DIR}/results.json", records)
 pd.DataFrame([{"allocation": r["method"], **r["metrics"]} for r in records])
 

@@ -41,6 +41,8 @@ EVAL_LIMIT: int = 300  # held-out examples per evaluation (None: all)
 NUM_BEAMS: int = 1  # beam search width for answers (the paper, after LAVIS: 5)
 PERTURB: str = "tensor"  # zeroth-order estimator: tensor (the paper's) or group (a joint direction per block, faster)
 SEED: int = 0  # seed
+PROTOCOL: str = None  # "paper": every pruning step with the official code's settings for the model's family (protocol.py); None: ours
+CALIBRATION: str = None  # calibration data on disk for both stages (CC3M shards or COCO captions, data/BENCHMARKS.md); None: the model's own samples
 OUT_DIR: str = "runs/04_prune_blip2"  # where results.json and figures go
 
 # %% [markdown]
@@ -55,11 +57,21 @@ OUT_DIR: str = "runs/04_prune_blip2"  # where results.json and figures go
 # default grid sets `group` (one direction per block) for `mini-blip2`, whose 234 tensors made the
 # per-tensor pass take 12 minutes of a run that has to fit `make run`'s half hour (notebook 03 compares
 # the two estimators' allocations on this model).
+#
+# Calibration: the model's own samples by default (for `mini-blip2`, digits from its bundled training
+# split), or, with `CALIBRATION` set, image-caption pairs read from that path for both stages, as the
+# paper calibrates on CC3M; the records name it (`config.calibration`). `PROTOCOL: paper` prunes every
+# method with the official code's settings for the model's family (batch sizes, per-matrix Wanda on the
+# vision encoder, the central-difference estimator; `ecoflap_utils.protocol`) and refuses a
+# `CALIB_SAMPLES`, `FIRST_STAGE_SAMPLES` or `PERTURB` that contradicts them.
 
 # %%
 model = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+ex.check_protocol_parameters(model, PROTOCOL, calib_samples=CALIB_SAMPLES, first_stage_samples=FIRST_STAGE_SAMPLES,
+                             perturb=PERTURB)
 common = dict(task=TASK, data=DATA, limit=EVAL_LIMIT, calib_samples=CALIB_SAMPLES, seed=SEED, score_cache={},
-              first_stage_samples=FIRST_STAGE_SAMPLES, eval_kw={"num_beams": NUM_BEAMS}, perturb=PERTURB)
+              first_stage_samples=FIRST_STAGE_SAMPLES, eval_kw={"num_beams": NUM_BEAMS}, perturb=PERTURB,
+              protocol=PROTOCOL, calibration=CALIBRATION)
 records = ex.sparsity_sweep(model, methods=WANDA_METHODS, sparsities=WANDA_SPARSITIES, **common)
 records += ex.sparsity_sweep(model, methods=SPARSEGPT_METHODS, sparsities=SPARSEGPT_SPARSITIES, include_dense=False,
                              **common)
@@ -79,16 +91,18 @@ plots.save(fig, OUT_DIR, "04_accuracy_vs_sparsity")
 # ## Answers before and after pruning
 #
 # The same held-out questions, answered by the dense model and by uniform-Wanda models at the lowest
-# and the highest sparsity of the Wanda sweep: how a model fails matters as much as how often.
+# and the highest sparsity of the Wanda sweep: how a model fails matters as much as how often. (Pruned
+# on the sweep's fine-stage calibration samples, with `PROTOCOL`'s settings when it is set.)
 
 # %%
 items = model.bundled_eval_data(TASK)[:6] if DATA is None and hasattr(model, "bundled_eval_data") else []
 prompts = [f"Question: {it['question']} Short answer:" for it in items]
 answers = {"question": [it["question"] for it in items], "truth": [it["answers"][0] for it in items]}
 answers["dense"] = generate_answers(model, [it["image"] for it in items], prompts) if items else []
+calib = ex.calibration_for(model, CALIBRATION, CALIB_SAMPLES, SEED)[0]
 for s in sorted({min(WANDA_SPARSITIES), max(WANDA_SPARSITIES)}):
     with ex.restored(model):
-        prune(model, s, method="wanda", calib_samples=CALIB_SAMPLES, progress=False)
+        prune(model, s, method="wanda", calibration=calib, progress=False, **ex.prune_settings(model, PROTOCOL))
         answers[f"wanda {s}"] = generate_answers(model, [it["image"] for it in items], prompts) if items else []
 pd.DataFrame(answers)
 
@@ -97,7 +111,7 @@ pd.DataFrame(answers)
 
 # %%
 with ex.restored(model):
-    result = prune(model, 0.5, method="wanda", calib_samples=CALIB_SAMPLES, progress=False)
+    result = prune(model, 0.5, method="wanda", calibration=calib, progress=False, **ex.prune_settings(model, PROTOCOL))
     save_pruned(model, f"{OUT_DIR}/pruned-wanda-0.5", result, overwrite=True)
     again = load_pruned(f"{OUT_DIR}/pruned-wanda-0.5")
     same = all(torch.equal(a, b) for a, b in zip(model.model.state_dict().values(), again.model.state_dict().values()))
@@ -127,7 +141,8 @@ print(format_table(summarize(result.report), ["stack", "modality", "params", "ta
 #   sentences below say for this run. Notebook 07 asks the other question: how much of the loss
 #   masked fine-tuning gives back.
 #
-# `grids/paper.yaml` runs the same notebook at the paper's settings on BLIP-2 on a GPU.
+# `grids/paper.yaml` runs the same notebook at the paper's settings on BLIP-2 on a GPU (`PROTOCOL: paper`,
+# calibration on CC3M through `CALIBRATION`, VQAv2 through `DATA`).
 
 # %%
 records = report.load_records(OUT_DIR)

@@ -9,8 +9,11 @@
 #
 # **You will learn** how zero-shot accuracy falls with sparsity under uniform Wanda, SparseGPT and
 # ECoFLaP, and how to build a per-dataset table like the paper's. The default is the bundled
-# `mini-clip` (a small ViT trained here with a frozen pretrained MiniLM text tower); on a GPU set
-# `MODEL` to `open_clip:ViT-B-16/openai` and `DATASETS` to ImageFolder trees on disk.
+# `mini-clip` (a small ViT trained here with a frozen pretrained MiniLM text tower), calibrated on its
+# own samples (digits from its bundled training split); on a GPU set `MODEL` to
+# `open_clip:ViT-B-16/openai`, `DATASETS` to ImageFolder trees on disk and `CALIBRATION` to each
+# dataset's train split, which then calibrates the pruning for that dataset (both stages; the records
+# name it), and `PROTOCOL: paper` for the official CoOp code's settings (batches of 16, as above).
 
 # %%
 import json
@@ -34,15 +37,20 @@ CALIB_SAMPLES: int = 128  # fine-stage calibration samples
 FIRST_STAGE_SAMPLES: int = 32  # coarse-stage samples
 EVAL_LIMIT: int = 1000  # held-out images per evaluation (None: all)
 SEED: int = 0  # seed
+PROTOCOL: str = None  # "paper": every pruning step with the official CoOp code's settings for CLIP (protocol.py); None: ours
+CALIBRATION: dict = None  # dataset name -> its train split on disk (ImageFolder), one per name of DATASETS; None: the model's own samples
 OUT_DIR: str = "runs/05_prune_clip"  # where results.json and figures go
 
 # %%
 model = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+ex.check_protocol_parameters(model, PROTOCOL, calib_samples=CALIB_SAMPLES, first_stage_samples=FIRST_STAGE_SAMPLES)
 sets = DATASETS or {"bundled": None}
+calib_of = ex.calibration_per_dataset(CALIBRATION, sets)  # name -> path (None: the model's own samples)
 records = []
 for name, path in sets.items():
     rs = ex.sparsity_sweep(model, methods=METHODS, sparsities=SPARSITIES, task="zeroshot", data=path, limit=EVAL_LIMIT,
-                           calib_samples=CALIB_SAMPLES, first_stage_samples=FIRST_STAGE_SAMPLES, seed=SEED)
+                           calib_samples=CALIB_SAMPLES, first_stage_samples=FIRST_STAGE_SAMPLES, seed=SEED,
+                           protocol=PROTOCOL, calibration=calib_of[name])
     records += [{**r, "config": {**r["config"], "dataset": name}} for r in rs]
 write_json_atomic(f"{OUT_DIR}/results.json", records)
 

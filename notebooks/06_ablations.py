@@ -43,18 +43,24 @@ SEQ_LEN: int = 64  # tokens per calibration sample
 EVAL_LIMIT: int = 8  # perplexity windows of 512 tokens (None: all)
 PERTURB: str = "tensor"  # zeroth-order estimator: tensor (the paper's) or group (a joint direction per block)
 SEED: int = 0  # seed
+PROTOCOL: str = None  # "paper": the sweep and the ablations' pruning with the official code's settings for the LM (protocol.py); None: ours
+CALIBRATION: str = None  # text on disk for the LM's calibration (C4's c4-train.00000-of-01024.json.gz or a .txt, data/BENCHMARKS.md); None: the model's own samples
+VLM_CALIBRATION: str = None  # calibration data on disk for the VLM's loss landscape (CC3M shards, COCO captions, a CLIP train split); None: its own samples
 OUT_DIR: str = "runs/06_ablations"  # where results.json and figures go
 
 # %%
 lm = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 lm.seq_len = SEQ_LEN
-calib = lm.calibration_samples(CALIB_SAMPLES, SEED)
+ex.check_protocol_parameters(lm, PROTOCOL, calib_samples=CALIB_SAMPLES, first_stage_samples=FIRST_STAGE_SAMPLES,
+                             perturb=PERTURB, seq_len=SEQ_LEN)
+calib, source = ex.calibration_for(lm, CALIBRATION, CALIB_SAMPLES, SEED)  # source: None when generated
 groups = score_groups(lm, "block")
 sizes = {g: v["size"] for g, v in group_info(lm, groups).items()}
 
 def ppl_at(layer_sparsity, method="wanda", nm=None):
     with ex.restored(lm):
-        prune(lm, layer_sparsity, method=method, nm=nm, calibration=calib, progress=False)
+        prune(lm, layer_sparsity, method=method, nm=nm, calibration=calib, progress=False,
+              **ex.prune_settings(lm, PROTOCOL, method))
         return ex.evaluate_task(lm, "perplexity", limit=EVAL_LIMIT)["perplexity"]
 
 
@@ -68,12 +74,19 @@ def ppl_at(layer_sparsity, method="wanda", nm=None):
 # one direction per block, because the per-tensor pass over SmolLM2's 210 tensors would take most of
 # `make run`'s half hour on two cores: it estimates ||g_block|| rather than the sum of the tensors' norms
 # (notebook 02 compares the two).
+#
+# Calibration, here and in every ablation: `CALIB_SAMPLES` windows of `SEQ_LEN` tokens of the model's own
+# text by default, or, with `CALIBRATION` set, of the documents at that path (C4 in the paper), sampled as
+# Wanda samples C4; the records name it. `PROTOCOL: paper` runs the sweep, and the ablations' scores and
+# pruning, with the official code's settings for a language model (2048-token windows, batches of one,
+# central differences) and refuses `CALIB_SAMPLES`, `FIRST_STAGE_SAMPLES`, `PERTURB` or `SEQ_LEN` values
+# that contradict them.
 
 # %%
 score_cache = {}
 records = ex.sparsity_sweep(lm, methods=METHODS, sparsities=BASELINE_SPARSITIES, task="perplexity", limit=EVAL_LIMIT,
                             calib_samples=CALIB_SAMPLES, first_stage_samples=FIRST_STAGE_SAMPLES, seed=SEED, score_cache=score_cache,
-                            perturb=PERTURB)
+                            perturb=PERTURB, protocol=PROTOCOL, calibration=CALIBRATION)
 pd.DataFrame([{"method": r["method"], "sparsity": r["sparsity"], **r["metrics"]} for r in records])
 
 
@@ -85,14 +98,14 @@ pd.DataFrame([{"method": r["method"], "sparsity": r["sparsity"], **r["metrics"]}
 
 # %%
 def ecoflap_ppl(label, method="wanda", margin=0.1, **score_kw):
-    kw = {**(base := {"samples": FIRST_STAGE_SAMPLES, "eps": 1e-3, "num_noise": 1, "perturb": PERTURB}), **score_kw}
-    key = "zeroth" if kw == base else json.dumps(kw)  # the sweep's scores
+    base = {"samples": FIRST_STAGE_SAMPLES, "eps": 1e-3, "num_noise": 1, "perturb": PERTURB, **ex.score_settings(lm, PROTOCOL)}
+    key = ex.score_cache_key("zeroth", PROTOCOL) if (kw := {**base, **score_kw}) == base else json.dumps(kw)  # the sweep's
     if key not in score_cache:
-        score_cache[key] = ex.coarse_scores(lm, "zeroth", calibration=lm.calibration_samples(kw.pop("samples"), SEED), seed=SEED, progress=False, **kw)
+        score_cache[key] = ex.coarse_scores(lm, "zeroth", calibration=ex.calibration_for(lm, CALIBRATION, kw.pop("samples"), SEED)[0], seed=SEED, progress=False, **kw)
     sc, cost = score_cache[key]
     sp = allocate_sparsity(sc, sizes, TARGET, max_sparsity=min(TARGET + margin, 0.99))
     rec = ex.record(lm.name, f"ecoflap ({label})", TARGET, "perplexity", {"perplexity": ppl_at(expand_to_layers(sp, groups), method)},
-                    {"scores": cost}, {"label": label, "max_block_sparsity": max(sp.values())})
+                    {"scores": cost}, ex.calibration_config(PROTOCOL, fine=source, label=label, max_block_sparsity=max(sp.values())))
     records.append(rec)
     return {"setting": label, "perplexity": rec["metrics"]["perplexity"], "score_s": cost["wall_s"]}
 rows = [ecoflap_ppl(f"eps={e:g}", eps=e) for e in EPS_VALUES]
@@ -120,7 +133,8 @@ nm_rows = []
 for nm in NM_PATTERNS:
     for method in NM_METHODS:
         p = ppl_at(None, method, nm=nm)
-        records.append(ex.record(lm.name, f"{method} {nm}", 0.5, "perplexity", {"perplexity": p}, config={"nm": nm}))
+        records.append(ex.record(lm.name, f"{method} {nm}", 0.5, "perplexity", {"perplexity": p},
+                                 config=ex.calibration_config(PROTOCOL, fine=source, nm=nm)))
         nm_rows.append({"pattern": nm, "method": method, "perplexity": p})
 pd.DataFrame(nm_rows)
 
@@ -129,12 +143,13 @@ pd.DataFrame(nm_rows)
 #
 # L(W + αd) − L(W) for random directions d in each module's weights, each tensor's direction scaled to
 # the tensor's norm. A smooth, nearly quadratic curve around α = 0 is what makes a two-point
-# finite-difference estimate reliable.
+# finite-difference estimate reliable. The loss is measured on 16 calibration samples of the VLM: its own,
+# or read from `VLM_CALIBRATION` when that is set.
 
 # %%
 vlm = load_model(VLM, device=DEVICE, dtype=DTYPE)
 alphas = [-0.2, -0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.2]
-land = ex.loss_landscape(vlm, alphas=alphas, directions=3, samples=16, seed=SEED)
+land = ex.loss_landscape(vlm, alphas=alphas, directions=3, samples=16, seed=SEED, calibration=VLM_CALIBRATION)
 fig, ax = plt.subplots(figsize=(6, 4))
 plots.line_by_group(ax, alphas, {f"{m} (mean of {c.shape[0]})": c.mean(0) for m, c in land.items()},
                     xlabel="α (step along a random direction, × ‖W‖)", ylabel="L(W + αd) − L(W)")

@@ -17,7 +17,7 @@
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from ecoflap_utils import load_model, plots, report
+from ecoflap_utils import experiments as ex, load_model, plots, report
 from ecoflap_utils import recovery as rc
 from ecoflap_utils.io import write_json_atomic
 plots.set_style()
@@ -44,6 +44,8 @@ FIRST_STAGE_SAMPLES: int = 32  # coarse-stage samples
 NUM_BEAMS: int = 1  # beam width of the answers
 PERTURB: str = "tensor"  # zeroth-order estimator: tensor (the paper's) or group (a joint direction per block, faster)
 SEED: int = 0  # seed
+PROTOCOL: str = None  # "paper": prune with the official code's settings for the model's family before fine-tuning (protocol.py); None: ours
+CALIBRATION: str = None  # calibration data on disk for both pruning stages (CC3M shards or COCO captions, data/BENCHMARKS.md); None: the model's own samples
 OUT_DIR: str = "runs/07_recovery"  # where results.json and figures go
 
 # %% [markdown]
@@ -57,12 +59,20 @@ OUT_DIR: str = "runs/07_recovery"  # where results.json and figures go
 # default grid sets `group` (one direction per block) for `mini-blip2`, whose 234 tensors made the
 # per-tensor pass take 12 minutes of a run that has to fit `make run`'s half hour (notebook 03 compares
 # the two estimators' allocations on this model).
+#
+# The pruning calibrates on the model's own samples by default, or, with `CALIBRATION` set, on
+# image-caption pairs read from that path (the records name it); `PROTOCOL: paper` prunes with the official
+# code's settings for the model's family, as in notebook 04, and refuses a `CALIB_SAMPLES`,
+# `FIRST_STAGE_SAMPLES` or `PERTURB` that contradicts them. Fine-tuning reads `FT_DATA` either way.
 
 # %%
 model = load_model(MODEL, device=DEVICE, dtype=DTYPE)
+ex.check_protocol_parameters(model, PROTOCOL, calib_samples=CALIB_SAMPLES, first_stage_samples=FIRST_STAGE_SAMPLES,
+                             perturb=PERTURB)
 common = dict(steps=STEPS, eval_every=EVAL_EVERY, lr=LR, batch_size=BATCH_SIZE, eval_limit=EVAL_LIMIT, task=TASK,
               data=DATA, ft_data=FT_DATA, calib_samples=CALIB_SAMPLES, first_stage_samples=FIRST_STAGE_SAMPLES,
-              seed=SEED, num_beams=NUM_BEAMS, score_cache={}, progress=False, perturb=PERTURB)
+              seed=SEED, num_beams=NUM_BEAMS, score_cache={}, progress=False, perturb=PERTURB, protocol=PROTOCOL,
+              calibration=CALIBRATION)
 records = rc.recovery_curves(model, methods=METHODS, sparsities=SPARSITIES, stacks=STACKS, **common)
 if COMPARE_STACKS:
     records += rc.recovery_curves(model, methods=[COMPARE_AT[0]], sparsities=[COMPARE_AT[1]], stacks=COMPARE_STACKS,

@@ -6,10 +6,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from ecoflap_utils.runs import run_grid
+from ecoflap_utils.runs import expand_grid, notebook_parameters, run_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("0*.ipynb"))
+GRIDS = sorted((ROOT / "grids").glob("*.yaml"))
 RANGES = {"acc1": (0, 100), "acc5": (0, 100), "mean_per_class_recall": (0, 100), "vqa_accuracy": (0, 100),
           "cider": (0, 1000), "bleu4": (0, 100), "perplexity": (1, 1e6), "spearman": (-1, 1),
           "min_sparsity": (0, 1), "max_sparsity": (0, 1)}
@@ -41,6 +42,48 @@ def test_every_notebook_has_its_jupytext_pair():
     assert ipynb == py, f"unpaired: {sorted(ipynb ^ py)}: run .venv/bin/jupytext --sync notebooks/*.ipynb"
     config = (ROOT / "notebooks" / "jupytext.toml").read_text()
     assert 'formats = "ipynb,py:percent"' in config
+
+
+def _entries(grid: Path) -> list[dict]:
+    import yaml
+
+    return yaml.safe_load(grid.read_text())["runs"]
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda p: p.name)
+def test_every_grid_names_only_parameters_its_notebook_has(grid):
+    """A name the notebook's parameters cell does not assign would be injected by papermill and read by nothing
+    (grids/paper.yaml once passed PROTOCOL and CALIBRATION to notebooks that had neither)."""
+    unknown = []
+    for i, e in enumerate(_entries(grid)):
+        have = notebook_parameters(ROOT / e["notebook"])
+        unknown += [f"runs[{i}] {Path(e['notebook']).stem}: {k}"
+                    for k in [*(e.get("parameters") or {}), *(e.get("grid") or {})] if k not in have]
+    assert not unknown, f"{grid.name} sets parameters its notebooks do not have: {unknown}"
+    assert expand_grid(grid)  # and the runner accepts it
+
+
+def test_paper_grid_agrees_with_the_protocol_it_asks_for():
+    """Every paper.yaml entry with PROTOCOL: paper passes its notebook's check: CALIB_SAMPLES, FIRST_STAGE_SAMPLES,
+    PERTURB and SEQ_LEN (as set there, else the notebook's defaults) are the preset's for the model's family."""
+    import ast
+    from types import SimpleNamespace
+
+    from ecoflap_utils.experiments import check_protocol_parameters
+
+    checked = 0
+    for e in _entries(ROOT / "grids" / "paper.yaml"):
+        params = {**(e.get("parameters") or {}), **{k: v[0] for k, v in (e.get("grid") or {}).items()}}
+        if params.get("PROTOCOL") is None:
+            continue
+        have = notebook_parameters(ROOT / e["notebook"])
+        family = "blip2" if "blip2" in params["MODEL"] else "clip" if "clip" in params["MODEL"] else "causal_lm"
+        model = SimpleNamespace(family=family, default_stacks=None, stacks=lambda: ["vision", "text_encoder", "text_decoder"])
+        given = {k.lower(): params[k] if k in params else ast.literal_eval(have[k]["default"])
+                 for k in ("CALIB_SAMPLES", "FIRST_STAGE_SAMPLES", "PERTURB", "SEQ_LEN") if k in have}
+        check_protocol_parameters(model, params["PROTOCOL"], scores=params.get("SCORES", "zeroth"), **given)
+        checked += 1
+    assert checked == 6  # 01, 03-07 (02 sets the estimator itself)
 
 
 def _cells(nb) -> list[tuple[str, str, bool]]:
@@ -115,6 +158,48 @@ def test_closing_table_of_a_tiny_run_is_its_results_json(tmp_path):
     assert len(sentences) == 3 * 2  # sparsegpt, ecoflap-zeroth, ecoflap-first against wanda at 0.5 and 0.7
     assert all(s.startswith("On tiny-clip (zeroshot, acc1, higher is better) at sparsity 0.") for s in sentences)
     assert "mini-clip" not in printed.replace(md, "")
+
+
+def _coco_captions(root: Path, images: int, per_image: int) -> Path:
+    """A COCO captions file (annotations/captions_train2014.json next to train2014/) of bundled training digits."""
+    from ecoflap_utils.data.images import DIGIT_NAMES, digits, to_pil
+
+    pixels, labels, _ = digits("train")
+    (root / "train2014").mkdir(parents=True)
+    (root / "annotations").mkdir()
+    names = [f"COCO_train2014_{i:012d}.jpg" for i in range(images)]
+    for i, name in enumerate(names):
+        to_pil(pixels[i]).save(root / "train2014" / name, quality=95)
+    anns = [{"id": i * per_image + k, "image_id": i, "caption": f"a handwritten {DIGIT_NAMES[int(labels[i])]}, take {k}"}
+            for i in range(images) for k in range(per_image)]
+    path = root / "annotations" / "captions_train2014.json"
+    path.write_text(json.dumps({"images": [{"id": i, "file_name": n} for i, n in enumerate(names)], "annotations": anns}))
+    return path
+
+
+def test_paper_protocol_and_calibration_reach_the_results(tmp_path):
+    """Notebook 04 on tiny-blip2-opt as grids/paper.yaml runs it (PROTOCOL: paper, CALIBRATION a captions file):
+    its results.json records the protocol and the file both stages calibrated on."""
+    coco = _coco_captions(tmp_path / "coco", images=8, per_image=16)  # the paper's 128 fine-stage samples
+    grid = {"notebook": str(ROOT / "notebooks" / "04_prune_blip2.ipynb"),
+            "parameters": {"MODEL": "tiny-blip2-opt", "WANDA_METHODS": ["wanda", "ecoflap-zeroth"], "SPARSEGPT_METHODS": [],
+                           "SPARSEGPT_SPARSITIES": [0.5], "EVAL_LIMIT": 4, "CALIB_SAMPLES": 128, "FIRST_STAGE_SAMPLES": 32,
+                           "PROTOCOL": "paper", "CALIBRATION": str(coco)},
+            "grid": {"WANDA_SPARSITIES": [[0.5]]}}
+    result = run_grid(grid, tmp_path / "runs", progress=False, summary=False)
+    assert not result.failed, result.failed
+    records = check_results(result.runs[0].run_dir / "results.json")
+    assert [r["method"] for r in records] == ["dense", "wanda", "ecoflap-zeroth"]
+    for r in records[1:]:
+        c = r["config"]
+        assert c["protocol"] == "paper" and c["protocol_settings"]["comparison"] == {"vision": "matrix", "lm": "row"}
+        assert c["calibration"]["fine"]["path"] == str(coco) and c["calibration"]["fine"]["format"] == "coco"
+        assert c["calibration"]["fine"]["count"] == 128
+    assert records[2]["config"]["calibration"]["first_stage"]["count"] == 32
+    # a value the protocol would change is refused, not silently replaced
+    grid["parameters"]["CALIB_SAMPLES"] = 64
+    failed = run_grid(grid, tmp_path / "runs2", progress=False, summary=False).failed
+    assert len(failed) == 1 and "PROTOCOL 'paper' sets CALIB_SAMPLES 128 for blip2 models" in failed[0].error
 
 
 WHOLE_MODEL = {"wanda", "sparsegpt", "ecoflap-zeroth", "ecoflap-first"}

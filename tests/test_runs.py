@@ -86,8 +86,8 @@ def test_grid_product_expands_to_named_runs():
 
 def test_run_names_are_filesystem_safe_and_templated():
     (s,) = runs.expand_grid({"notebook": str(TOY), "grid": {"model": ["Salesforce/blip2 opt:2.7b"],
-                                                            "stacks": [["vision", "lm"]]}})
-    assert s.name == "toy_results/model=Salesforce_blip2_opt_2.7b,stacks=vision+lm"
+                                                            "task": [["vision", "lm"]]}})
+    assert s.name == "toy_results/model=Salesforce_blip2_opt_2.7b,task=vision+lm"
     assert "/" not in s.name.split("/", 1)[1]
     (t,) = runs.expand_grid({"notebook": str(TOY), "name": "../{notebook}/{method}-s{sparsity}",
                              "parameters": {"method": "wanda"}, "grid": {"sparsity": [0.5]}})
@@ -118,6 +118,40 @@ def test_bad_grid_files_raise_user_errors_naming_the_key(tmp_path, text, match):
     with pytest.raises(UserError, match=match):
         args.func(args)
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.ipynb"))
+
+
+def test_unknown_parameter_is_refused_before_anything_runs(tmp_path, capsys):
+    """A parameter the notebook's parameters cell does not assign (papermill would inject it and nothing would
+    read it) stops the grid when it is expanded: one line naming the entry, the name, the notebook and a guess."""
+    counter = tmp_path / "counter.txt"
+    grid = tmp_path / "typo.yaml"
+    grid.write_text(f"runs:\n  - notebook: {TOY}\n    grid: {{sparsity: [0.5]}}\n"
+                    f"  - notebook: {TOY}\n    parameters: {{model: toy, COUNTER_FILE: '{counter}', CALIBRATION: x}}\n"
+                    f"    grid: {{sparsty: [0.3, 0.6]}}\n")
+    parser = argparse.ArgumentParser()
+    add_runs_parser(parser.add_subparsers())
+    args = parser.parse_args(["runs", str(grid), "--out", str(tmp_path / "out"), "--no-progress"])
+    with pytest.raises(UserError) as err:
+        args.func(args)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{grid}: runs[1]: 'CALIBRATION', 'sparsty' (did you mean 'sparsity'?) are not parameters "
+                          f"of {TOY} (its parameters: model, task, method, sparsity, FAIL, COUNTER_FILE): fix the name"), msg
+    assert not (tmp_path / "out").exists() and not counter.exists()  # nothing ran, nothing was written
+    with pytest.raises(UserError, match=r"^grid: 'Sparsity' \(did you mean 'sparsity'\?\) is not a parameter of"):
+        runs.expand_grid({"notebook": str(TOY), "parameters": {"Sparsity": 0.5}})
+    assert set(runs.notebook_parameters(TOY)) == {"OUT_DIR", "model", "task", "method", "sparsity", "FAIL", "COUNTER_FILE"}
+
+
+def test_notebook_without_a_parameters_cell_is_refused(tmp_path):
+    import nbformat
+
+    nb = nbformat.read(TOY, as_version=4)
+    for c in nb.cells:
+        c.metadata.pop("tags", None)
+    nbformat.write(nb, tmp_path / "untagged.ipynb")
+    with pytest.raises(UserError, match=r"untagged.ipynb has no cell tagged 'parameters'"):
+        runs.expand_grid({"notebook": str(tmp_path / "untagged.ipynb"), "parameters": {"model": "m"}})
 
 
 def test_missing_grid_file_is_a_user_error(tmp_path):
