@@ -39,6 +39,7 @@ CALIB_SAMPLES: int = 128  # fine-stage calibration samples (the paper: 128)
 FIRST_STAGE_SAMPLES: int = 32  # coarse-stage samples (the paper: 32, batches of 8)
 EVAL_LIMIT: int = 300  # held-out examples per evaluation (None: all)
 NUM_BEAMS: int = 1  # beam search width for answers (the paper, after LAVIS: 5)
+RANK_SPARSITIES: list = [0.3, 0.5]  # uniform Wanda re-scored by ranking candidate answers (VQA tasks; []: skip)
 PERTURB: str = "tensor"  # zeroth-order estimator: tensor (the paper's) or group (a joint direction per block, faster)
 SEED: int = 0  # seed
 PROTOCOL: str = None  # "paper": every pruning step with the official code's settings for the model's family (protocol.py); None: ours
@@ -105,6 +106,33 @@ for s in sorted({min(WANDA_SPARSITIES), max(WANDA_SPARSITIES)}):
         prune(model, s, method="wanda", calibration=calib, progress=False, **ex.prune_settings(model, PROTOCOL))
         answers[f"wanda {s}"] = generate_answers(model, [it["image"] for it in items], prompts) if items else []
 pd.DataFrame(answers)
+
+# %% [markdown]
+# ## Lost the image, or lost the answer format?
+#
+# The table above scores *generated* answers, as the paper does (LAVIS's BLIP-2 always generates). A
+# pruned model can fail that test in two ways: it no longer reads the image, or it still knows the
+# answer but no longer says it in the expected form. Ranking separates them: each candidate answer (the
+# distinct answers of the evaluated questions) is scored by the language model's log-likelihood given
+# the image and the prompt, and the most likely one is the prediction (`vqa_inference="rank"`, as LAVIS's
+# BLIP VQA ranks its answer list). Dense and uniform Wanda at `RANK_SPARSITIES`, same questions.
+
+# %%
+ranked = []
+if RANK_SPARSITIES and TASK in ("vqav2", "okvqa", "gqa"):
+    ranked = ex.sparsity_sweep(model, methods=["wanda"], sparsities=RANK_SPARSITIES,
+                               **{**common, "eval_kw": {"vqa_inference": "rank"}})
+    write_json_atomic(f"{OUT_DIR}/rank_vs_generate.json", ranked)  # not results.json: another scoring
+gen = {(r["method"], r["sparsity"]): r["metrics"]["vqa_accuracy"] for r in records if r["method"] in ("dense", "wanda")}
+rank_table = pd.DataFrame([{"method": r["method"], "sparsity": r["sparsity"],
+                            "generated": gen.get((r["method"], r["sparsity"])),
+                            "ranked": r["metrics"]["vqa_accuracy"]} for r in ranked])
+rank_table
+
+# %% [markdown]
+# Where "ranked" stays well above "generated", the pruned model still picks the right answer from the
+# list but does not produce it: the format broke before the image did. Where both fall to chance, the
+# visual information itself is gone. (`generated` is empty for a sparsity the Wanda sweep did not run.)
 
 # %% [markdown]
 # ## Saving and reloading a pruned model
