@@ -35,3 +35,10 @@ def blip_t5():
 @pytest.fixture(scope="module")
 def blip_opt():
     return load_model("tiny-blip2-opt")
+
+
+@pytest.fixture(scope="session")
+def mini_blip2():
+    """The bundled mini-blip2 (about 40 s to load on one thread), shared by the modules that only read it:
+    a test must not prune or train it."""
+    return load_model("mini-blip2")

@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 
-from ecoflap_utils import load_model
 from ecoflap_utils.cli import main as cli_main
 from ecoflap_utils.errors import UserError
 from ecoflap_utils.evaluate import evaluate, generate_answers, rank_answers, rows_answer_list, vqa
@@ -83,8 +82,8 @@ def test_prediction_is_the_argmax_and_columns_follow_the_candidates(blip_opt):
 
 
 @needs_blip2
-def test_mini_blip2_dense_rank_accuracy():
-    adapter = load_model("mini-blip2")
+def test_mini_blip2_dense_rank_accuracy(mini_blip2):
+    adapter = mini_blip2
     rows = mb.bundled_eval_data("vqav2", limit=40)
     res = vqa(adapter, rows, inference="rank", progress=False)
     assert res["inference"] == "rank" and res["n"] == 40

@@ -43,8 +43,8 @@ def clip():
 
 
 @pytest.fixture(scope="module")
-def blip2():
-    return load_model("mini-blip2")
+def blip2(mini_blip2):
+    return mini_blip2
 
 
 # --------------------------------------------------------------------------- data split
