@@ -38,6 +38,9 @@ def run_in_child(script: str, spec: dict, timeout: float | None = None) -> dict:
     if proc.returncode != 0:
         why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit {proc.returncode}"
         return {"error": why, "stderr": proc.stderr[-3000:]}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    if not lines:
+        return {"error": "the child printed no result", "stderr": proc.stderr[-3000:]}
+    result = json.loads(lines[-1])
     result["process_s"] = time.time() - t0
     return result
