@@ -17,7 +17,7 @@ from .allocate import allocate_sparsity, expand_to_layers
 from .measure import track
 from .models.base import ModelAdapter
 from .prune import prune
-from .scores import compute_scores, group_info, owl_outlier_ratios, score_groups
+from .scores import compute_scores, estimate_scores, group_info, owl_outlier_ratios, score_groups
 
 #: the methods compared in the notebooks: name -> how to prune
 METHODS: dict[str, dict[str, Any]] = {
@@ -85,15 +85,21 @@ def evaluate_task(adapter: ModelAdapter, task: str | None = None, data=None, lim
 
 def coarse_scores(adapter: ModelAdapter, scores: str, *, calibration=None, samples: int = 32, batch_size: int = 8,
                   granularity: str = "block", seed: int = 0, **kw) -> tuple[dict[str, float], dict[str, Any]]:
-    """Group scores once (they do not depend on the target sparsity) and their wall time / peak memory."""
+    """Group scores once (they do not depend on the target sparsity) and their wall time / peak memory.
+
+    The resources dict also carries the scores' split-half rank stability (``"stability"``, None where it
+    cannot be computed, e.g. magnitude or OWL) and what was split (``"stability_split"``), so every record
+    pruned with these scores shows how reliable they were (:func:`ecoflap_utils.scores.estimate_scores`)."""
+    extra: dict[str, Any] = {}
     with track(str(adapter.input_device())) as res:
         if scores == "owl":
             sc = owl_outlier_ratios(adapter, calibration, granularity=granularity, samples=samples,
                                     batch_size=batch_size, seed=seed)
         else:
-            sc = compute_scores(adapter, scores, calibration, granularity=granularity, samples=samples,
+            r = estimate_scores(adapter, scores, calibration, granularity=granularity, samples=samples,
                                 batch_size=batch_size, seed=seed, **kw)
-    return sc, dict(res)
+            sc, extra = r.scores, {"stability": r.stability, "stability_split": r.split}
+    return sc, {**dict(res), **extra}
 
 
 def calibration_for(adapter: ModelAdapter, source: Any, n: int, seed: int = 0,

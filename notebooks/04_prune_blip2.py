@@ -54,6 +54,9 @@ OUT_DIR: str = "runs/04_prune_blip2"  # where results.json and figures go
 # up, where SparseGPT's weight updates still hold. The zeroth-order block scores are computed once and
 # shared by both sweeps.
 #
+# `score_stability` in the table is the split-half rank stability of the block scores each ECoFLaP row was
+# allocated from (Spearman between two halves of the draws; below about 0.8 the allocation is partly noise).
+#
 # `PERTURB` picks the zeroth-order estimator: the paper's per-tensor one by default. The bundled
 # default grid sets `group` (one direction per block) for `mini-blip2`, whose 234 tensors made the
 # per-tensor pass take 12 minutes of a run that has to fit `make run`'s half hour (notebook 03 compares
@@ -78,7 +81,8 @@ records += ex.sparsity_sweep(model, methods=SPARSEGPT_METHODS, sparsities=SPARSE
                              **common)
 write_json_atomic(f"{OUT_DIR}/results.json", records)
 table = pd.DataFrame([{"method": r["method"], "sparsity": r["sparsity"], **r["metrics"],
-                       "fine_s": r["resources"].get("fine", {}).get("wall_s")} for r in records])
+                       "fine_s": r["resources"].get("fine", {}).get("wall_s"),
+                       "score_stability": r["resources"].get("scores", {}).get("stability")} for r in records])
 table
 
 # %%

@@ -40,11 +40,17 @@ def test_sparsity_sweep_records_every_point_and_restores_the_model():
 def test_sweep_scores_are_computed_once_per_score_method(monkeypatch):
     a = load_model("tiny-llama")
     calls = []
-    real = ex.compute_scores
-    monkeypatch.setattr(ex, "compute_scores", lambda *args, **kw: calls.append(args[1]) or real(*args, **kw))
-    ex.sparsity_sweep(a, methods=["ecoflap-zeroth"], sparsities=[0.5, 0.6, 0.7], limit=1, calib_samples=8,
-                      first_stage_samples=8, include_dense=False, progress=False)
+    real = ex.estimate_scores
+    monkeypatch.setattr(ex, "estimate_scores", lambda *args, **kw: calls.append(args[1]) or real(*args, **kw))
+    recs = ex.sparsity_sweep(a, methods=["ecoflap-zeroth"], sparsities=[0.5, 0.6, 0.7], limit=1, calib_samples=8,
+                             first_stage_samples=16, include_dense=False, progress=False)
     assert calls == ["zeroth"]
+    # every record shows how reliable its scores were: the split-half stability of the one coarse pass
+    direct = real(a, "zeroth", a.calibration_samples(16, 0), samples=16, batch_size=8, seed=0, progress=False)
+    assert direct.split == "even/odd batches" and direct.stability is not None
+    for r in recs:
+        assert r["resources"]["scores"]["stability"] == pytest.approx(direct.stability)
+        assert r["resources"]["scores"]["stability_split"] == "even/odd batches"
 
 
 def test_stack_sensitivity_prunes_only_the_named_module():
