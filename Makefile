@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+JOBS ?= 2
 STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
@@ -20,7 +21,7 @@ $(STAMP): requirements.txt requirements-nodeps.txt pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(PY) -m ecoflap_utils runs grids/default.yaml --out runs
+	$(PY) -m ecoflap_utils runs grids/default.yaml --out runs --jobs $(JOBS)
 
 test: $(STAMP)
 	$(PY) -m pytest tests

@@ -19,6 +19,9 @@ def add_runs_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--kernel", default=None,
                    help="Jupyter kernel name (default: a kernel of this Python, installed into the venv if needed)")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per notebook cell (default: none)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="notebooks run at once, each with an equal share of the cores as its threads (make run "
+                        "uses 2: small models use two threads poorly, so two one-thread runs finish sooner)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=cmd_runs)
     return p
@@ -29,5 +32,5 @@ def cmd_runs(args) -> int:
     from .runs import run_grid
 
     result = run_grid(args.grid, args.out, kernel_name=args.kernel, progress=not args.no_progress,
-                      timeout=getattr(args, "timeout", None))
+                      timeout=getattr(args, "timeout", None), jobs=getattr(args, "jobs", 1))
     return 0 if result.ok else 1

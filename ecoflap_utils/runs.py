@@ -498,8 +498,32 @@ def _execute(spec: RunSpec, run_dir: Path, out_dir: Path, *, kernel_name: str, t
     return RunOutcome(spec, run_dir, "done", None, seconds)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        return os.cpu_count() or 1
+
+
+def threads_per_job(jobs: int, cores: int | None = None) -> int:
+    """Intra-op threads each of ``jobs`` concurrent notebooks gets: an equal share of the cores, at least one.
+
+    Oversubscription is what this prevents: two kernels that each start torch's default thread pool on two
+    cores spin-wait against each other (NOTES.md session 3: a 30-second test took over 5 minutes)."""
+    return max(1, (available_cores() if cores is None else cores) // max(1, jobs))
+
+
+def _limit_threads(threads: int) -> None:
+    """Worker initializer: the kernels it starts inherit this environment, so torch, OpenMP and MKL inside
+    them use ``threads`` threads. A thread count the user exported is kept."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, str(threads))
+
+
 def run_grid(grid_path_or_dict, out_dir: str | os.PathLike = "runs", *, kernel_name: str | None = None,
-             progress: bool = True, timeout: float | None = None, summary: bool = True) -> GridResult:
+             progress: bool = True, timeout: float | None = None, summary: bool = True,
+             jobs: int = 1) -> GridResult:
     """Run every point of a grid with papermill, skipping complete runs, then write the results table.
 
     Each run's notebook gets ``OUT_DIR`` (its folder under ``out_dir``) and its parameters; see the module
@@ -507,32 +531,68 @@ def run_grid(grid_path_or_dict, out_dir: str | os.PathLike = "runs", *, kernel_n
     on. ``timeout`` limits each cell (seconds). ``kernel_name`` defaults to a kernel of this Python
     (:func:`resolve_kernel`). With ``summary`` (default) ``results.csv``, ``results.md`` and
     ``figures/<model>_<task>_<metric>.png`` are written and the table and failures printed.
+
+    ``jobs`` > 1 runs that many notebooks at once, in grid order as workers free up, each kernel with
+    :func:`threads_per_job` threads. Small models use two threads poorly: on 2 cores two one-thread runs of
+    notebooks 01 and 05 took 150 s together where one after the other at two threads took 226 s (NOTES.md
+    session 5). The runs of one grid must not write to each other's files (each writes only its ``OUT_DIR``).
     """
     from tqdm.auto import tqdm
 
+    if not isinstance(jobs, int) or jobs < 1:
+        raise UserError(f"jobs must be a whole number >= 1, got {jobs!r}: pass --jobs 1 to run one notebook at "
+                        f"a time")
     specs = expand_grid(grid_path_or_dict)
     out = Path(out_dir).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    kernel = None
-    outcomes: list[RunOutcome] = []
-    bar = tqdm(specs, desc="runs", unit="run", disable=None if progress else True)
-    for spec in bar:
-        run_dir = out / spec.name
-        bar.set_postfix_str(spec.name, refresh=False)
-        if is_complete(run_dir):
-            outcomes.append(RunOutcome(spec, run_dir, "skipped"))
-            continue
-        if kernel is None:
-            kernel = resolve_kernel(kernel_name)
-        outcomes.append(_execute(spec, run_dir, out, kernel_name=kernel, timeout=timeout))
+    done: dict[str, RunOutcome] = {}
+    todo = []
+    for spec in specs:
+        if is_complete(out / spec.name):
+            done[spec.name] = RunOutcome(spec, out / spec.name, "skipped")
+        else:
+            todo.append(spec)
+    bar = tqdm(total=len(specs), initial=len(done), desc="runs", unit="run", disable=None if progress else True)
+    if todo:
+        kernel = resolve_kernel(kernel_name)
+        if jobs == 1 or len(todo) == 1:
+            for spec in todo:
+                bar.set_postfix_str(spec.name, refresh=True)
+                done[spec.name] = _execute(spec, out / spec.name, out, kernel_name=kernel, timeout=timeout)
+                bar.update()
+        else:
+            _execute_in_parallel(todo, out, done, bar, kernel=kernel, timeout=timeout, jobs=jobs)
     bar.close()
-    result = GridResult(out_dir=out, runs=outcomes)
+    result = GridResult(out_dir=out, runs=[done[s.name] for s in specs])
     if summary:
         df = collect_results(out)
         result.results = df
         result.files, result.figures, result.table = write_summary(out, df)
         print(report_text(result))
     return result
+
+
+def _execute_in_parallel(todo: Sequence[RunSpec], out: Path, done: dict, bar, *, kernel: str,
+                         timeout: float | None, jobs: int) -> None:
+    """Run ``todo`` in a pool of ``min(jobs, len(todo))`` processes (spawned: no torch state forked), filling
+    ``done`` as runs finish; a worker's unexpected error (not a failing notebook, which ``_execute`` records)
+    propagates, as it would when running one at a time."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    workers = min(jobs, len(todo))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_limit_threads, initargs=(threads_per_job(workers),)) as pool:
+        running = {pool.submit(_execute, spec, out / spec.name, out, kernel_name=kernel, timeout=timeout): spec
+                   for spec in todo}
+        while running:
+            now = sorted(s.name for f, s in running.items() if f.running())
+            bar.set_postfix_str(", ".join(now)[:80], refresh=True)
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                spec = running.pop(fut)
+                done[spec.name] = fut.result()
+                bar.update()
 
 
 def report_text(result: GridResult) -> str:

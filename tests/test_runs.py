@@ -136,11 +136,11 @@ def test_unknown_parameter_is_refused_before_anything_runs(tmp_path, capsys):
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith(f"{grid}: runs[1]: 'CALIBRATION', 'sparsty' (did you mean 'sparsity'?) are not parameters "
-                          f"of {TOY} (its parameters: model, task, method, sparsity, FAIL, COUNTER_FILE): fix the name"), msg
+                          f"of {TOY} (its parameters: model, task, method, sparsity, FAIL, COUNTER_FILE, SLEEP): fix the name"), msg
     assert not (tmp_path / "out").exists() and not counter.exists()  # nothing ran, nothing was written
     with pytest.raises(UserError, match=r"^grid: 'Sparsity' \(did you mean 'sparsity'\?\) is not a parameter of"):
         runs.expand_grid({"notebook": str(TOY), "parameters": {"Sparsity": 0.5}})
-    assert set(runs.notebook_parameters(TOY)) == {"OUT_DIR", "model", "task", "method", "sparsity", "FAIL", "COUNTER_FILE"}
+    assert set(runs.notebook_parameters(TOY)) == {"OUT_DIR", "model", "task", "method", "sparsity", "FAIL", "COUNTER_FILE", "SLEEP"}
 
 
 def test_notebook_without_a_parameters_cell_is_refused(tmp_path):
@@ -283,6 +283,41 @@ def test_rerun_skips_complete_runs_and_redoes_incomplete_ones(batch, tmp_path):
     assert json.loads((redo / "results.json").read_text())["config"]["out_dir"] == str(redo.resolve())
     assert (kept / runs.COMPLETE).read_text() == kept_marker  # untouched
     assert len(result.results) == 5
+
+
+def test_parallel_jobs_overlap_share_the_cores_and_keep_grid_order(tmp_path, monkeypatch):
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(runs, "available_cores", lambda: 4)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"""
+runs:
+  - notebook: {TOY}
+    parameters: {{model: toy, task: cls, method: wanda, SLEEP: 3}}
+    grid: {{sparsity: [0.1, 0.2, 0.3]}}
+  - notebook: {TOY}
+    name: "{{notebook}}/broken"
+    parameters: {{FAIL: true}}
+""")
+    result = runs.run_grid(grid, tmp_path / "out", progress=False, summary=False, jobs=2)
+
+    names = ["sparsity=0.1", "sparsity=0.2", "sparsity=0.3", "broken"]
+    assert [r.name for r in result.runs] == [f"toy_results/{n}" for n in names]  # grid order, not finish order
+    assert [r.status for r in result.runs] == ["done", "done", "done", "failed"]
+    assert result.failed[0].error == "RuntimeError: told to fail (FAIL=True, method=wanda)"
+    cfg = [json.loads((tmp_path / "out" / "toy_results" / n / "results.json").read_text())["config"]
+           for n in names[:3]]
+    assert [c["omp_threads"] for c in cfg] == ["2"] * 3  # 4 cores shared by 2 kernels
+    (s1, f1), (s2, f2), (s3, _) = [(c["started"], c["finished"]) for c in cfg]
+    assert s2 < f1 and s1 < f2  # the first two ran at the same time
+    assert s3 >= min(f1, f2)  # and the third waited for a free worker: never more than 2 at once
+
+
+@pytest.mark.parametrize("jobs", [0, -1, 1.5])
+def test_bad_jobs_is_a_user_error(tmp_path, jobs):
+    with pytest.raises(UserError, match="jobs must be a whole number"):
+        runs.run_grid({"notebook": str(TOY)}, tmp_path / "out", progress=False, jobs=jobs)
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_exit_codes_and_foreign_folder_is_refused(tmp_path, capsys):
