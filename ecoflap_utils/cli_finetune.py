@@ -40,9 +40,10 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, required=True, help="optimiser steps")
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
     p.add_argument("--data", default=None,
-                   help="BLIP-2: a VQAv2 questions JSON (or its folder) or a COCO captions / Karpathy JSON; CLIP: "
-                        "a COCO captions / Karpathy JSON; causal LM: a raw text file (default: the model's bundled "
-                        "training samples)")
+                   help="BLIP-2: a VQAv2 questions JSON (or its folder) or image-caption pairs (a COCO captions "
+                        "or Karpathy JSON - its train and restval rows - or a CSV/TSV, read as calibration reads "
+                        "them); CLIP: image-caption pairs; causal LM: a raw text file (default: the model's "
+                        "bundled training samples)")
     p.add_argument("--annotations", default=None,
                    help="VQA: the annotations JSON (default: the one *annotations*.json next to the questions)")
     p.add_argument("--image-root", default=None,

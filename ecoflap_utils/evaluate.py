@@ -22,6 +22,7 @@ import copy
 import math
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -274,6 +275,43 @@ def _tokenize_prompt(tokenizer, text: str) -> list[int]:
     return list(ids.tolist() if hasattr(ids, "tolist") else ids)
 
 
+def _paired_prompts(images: Sequence[Any], prompts: Sequence[str] | str) -> tuple[list, list[str]]:
+    """Images and one prompt per image (a single prompt string serves them all)."""
+    images = list(images)
+    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
+    if len(prompts) != len(images):
+        raise UserError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image (or one for all)")
+    return images, prompts
+
+
+@dataclass(frozen=True)
+class _Blip2Inputs:
+    """What both BLIP-2 answer paths (generation and ranking) read from the adapter to build the LM's input:
+    ``n_query`` copies of ``image_token`` then the tokenised prompt, padded with ``pad``."""
+
+    tokenizer: Any
+    n_query: int
+    image_token: int
+    decoder_only: bool
+    text_cfg: Any
+    pad: int
+    device: Any
+
+    @classmethod
+    def of(cls, adapter) -> "_Blip2Inputs":
+        tok = getattr(adapter, "tokenizer", None)
+        if tok is None:
+            raise UserError(f"{adapter.name} has no tokenizer: load it from a folder that holds the tokenizer files")
+        cfg = adapter.model.config
+        pad = getattr(adapter, "pad_id", None)
+        pad = int(pad if pad is not None else (cfg.text_config.pad_token_id or 0))
+        return cls(tok, cfg.num_query_tokens, cfg.image_token_index, bool(cfg.use_decoder_only_language_model),
+                   cfg.text_config, pad, adapter.input_device())
+
+    def prefix(self, prompt: str) -> list[int]:
+        return [self.image_token] * self.n_query + _tokenize_prompt(self.tokenizer, prompt)
+
+
 def generate_answers(adapter, images: Sequence[Any], prompts: Sequence[str] | str, *, max_new_tokens: int = 10,
                      min_new_tokens: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
                      batch_size: int = 16, progress: bool | None = None) -> list[str]:
@@ -287,22 +325,11 @@ def generate_answers(adapter, images: Sequence[Any], prompts: Sequence[str] | st
     _check_positive(batch_size, "batch_size")
     _check_positive(max_new_tokens, "max_new_tokens")
     _check_positive(num_beams, "num_beams")
-    images = list(images)
-    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
-    if len(prompts) != len(images):
-        raise UserError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image (or one for all)")
+    images, prompts = _paired_prompts(images, prompts)
     if not images:
         return []
-    tok = getattr(adapter, "tokenizer", None)
-    if tok is None:
-        raise UserError(f"{adapter.name} has no tokenizer: load it from a folder that holds the tokenizer files")
-    model = adapter.model
-    cfg = model.config
-    n_query, image_token = cfg.num_query_tokens, cfg.image_token_index
-    decoder_only = bool(cfg.use_decoder_only_language_model)
-    text_cfg = cfg.text_config
-    pad = getattr(adapter, "pad_id", None)
-    pad = int(pad if pad is not None else (text_cfg.pad_token_id or 0))
+    inp = _Blip2Inputs.of(adapter)
+    model, tok, text_cfg, pad, decoder_only = adapter.model, inp.tokenizer, inp.text_cfg, inp.pad, inp.decoder_only
     gen_kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
                                   pad_token_id=pad)
     if min_new_tokens:
@@ -311,12 +338,12 @@ def generate_answers(adapter, images: Sequence[Any], prompts: Sequence[str] | st
         gen_kw["length_penalty"] = length_penalty
     if getattr(text_cfg, "eos_token_id", None) is not None:
         gen_kw["eos_token_id"] = text_cfg.eos_token_id
-    device = adapter.input_device()
+    device = inp.device
     answers: list[str] = []
     pairs = list(zip(images, prompts))
     for chunk in tqdm(list(_chunks(pairs, batch_size)), desc="generate", disable=_disable(progress), leave=False):
         pixel = image_batch(adapter, [im for im, _ in chunk])
-        seqs = [[image_token] * n_query + _tokenize_prompt(tok, p) for _, p in chunk]
+        seqs = [inp.prefix(p) for _, p in chunk]
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -424,10 +451,7 @@ def rank_answers(adapter, images: Sequence[Any], prompts: Sequence[str] | str, c
     """
     _check_positive(batch_size, "batch_size")
     _check_positive(candidate_batch, "candidate_batch")
-    images = list(images)
-    prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
-    if len(prompts) != len(images):
-        raise UserError(f"{len(images)} images but {len(prompts)} prompts: give one prompt per image (or one for all)")
+    images, prompts = _paired_prompts(images, prompts)
     candidates = [str(c) for c in candidates]
     if not candidates:
         raise UserError("the answer list is empty: give at least one candidate answer to rank")
@@ -436,26 +460,17 @@ def rank_answers(adapter, images: Sequence[Any], prompts: Sequence[str] | str, c
         raise UserError(f"candidate answer {blank[0]} is empty: drop empty lines from the answer list")
     if not images:
         return [], np.zeros((0, len(candidates)), dtype=np.float64)
-    tok = getattr(adapter, "tokenizer", None)
-    if tok is None:
-        raise UserError(f"{adapter.name} has no tokenizer: load it from a folder that holds the tokenizer files")
-    model = adapter.model
-    cfg = model.config
-    n_query, image_token = cfg.num_query_tokens, cfg.image_token_index
-    decoder_only = bool(cfg.use_decoder_only_language_model)
-    text_cfg = cfg.text_config
-    pad = getattr(adapter, "pad_id", None)
-    pad = int(pad if pad is not None else (text_cfg.pad_token_id or 0))
-    eos = _stop_token(text_cfg)
-    start = getattr(text_cfg, "decoder_start_token_id", None)
+    inp = _Blip2Inputs.of(adapter)
+    model, tok, pad, decoder_only, device = adapter.model, inp.tokenizer, inp.pad, inp.decoder_only, inp.device
+    eos = _stop_token(inp.text_cfg)
+    start = getattr(inp.text_cfg, "decoder_start_token_id", None)
     start = int(start if start is not None else pad)
-    device = adapter.input_device()
     lm = model.language_model
     from transformers.modeling_outputs import BaseModelOutput
 
     n_cand = len(candidates)
     scores = np.empty((len(images), n_cand), dtype=np.float64)
-    prefixes = [[image_token] * n_query + _tokenize_prompt(tok, p) for p in prompts]
+    prefixes = [inp.prefix(p) for p in prompts]
     cand_cache: dict[bool, list[list[int]]] = {}  # the ids depend on the prompt only through its last character
 
     def cand_ids(prompt: str) -> list[list[int]]:

@@ -210,6 +210,32 @@ def score_cache_key(scores: str, protocol: str | None = None) -> str:
     return scores if protocol is None else f"{scores}|{protocol}"
 
 
+def ablation_scores(adapter: ModelAdapter, score_cache: dict, base: Mapping[str, Any], *, calibration: Any = None,
+                    seed: int = 0, protocol: str | None = None,
+                    **changes: Any) -> tuple[dict[str, float], dict[str, Any], dict[str, Any] | None]:
+    """Zeroth-order block scores of one ablation setting: ``base`` (:func:`coarse_scores` keywords, with
+    ``samples``) with ``changes`` applied, computed once per setting and kept in ``score_cache``.
+
+    The unchanged setting is :func:`sparsity_sweep`'s own entry (:func:`score_cache_key`), so a sweep run with
+    the same cache, calibration and seed has already computed it. Returns ``(scores, resources, first_stage)``:
+    ``first_stage`` is :func:`calibration_for`'s record of the coarse stage's samples (None when generated),
+    read once per sample count and kept in the cache too, so every ablation row can name its calibration
+    (:func:`calibration_config`), reused scores included."""
+    import json
+
+    kw = {**base, **changes}
+    key = score_cache_key("zeroth", protocol) if kw == dict(base) else json.dumps(kw, sort_keys=True, default=str)
+    n = kw.pop("samples")
+    source_key = f"calibration|{n}"
+    if key not in score_cache or source_key not in score_cache:
+        calib, score_cache[source_key] = calibration_for(adapter, calibration, n, seed)
+        if key not in score_cache:
+            score_cache[key] = coarse_scores(adapter, "zeroth", calibration=calib, samples=n, seed=seed,
+                                             progress=False, **kw)
+    sc, resources = score_cache[key]
+    return sc, resources, score_cache[source_key]
+
+
 def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities: Sequence[float],
                    task: str | None = None, data=None, limit: int | None = None, calib_samples: int = 128,
                    first_stage_samples: int = 32, batch_size: int = 8, seed: int = 0, granularity: str = "block",

@@ -22,9 +22,9 @@ CLIP        ``vision``: the image tower and its projection; ``text_encoder``: th
 causal LM   ``lm``: the whole model (default).
 =========== ============================================================================================
 
-Losses: BLIP-2's language-modelling loss on the answer / caption tokens only (the same value as
-``adapter.loss``; for decoder-only LMs computed with the LM head applied only where a target token is
-predicted, which saves most of its cost on a large vocabulary); CLIP's symmetric contrastive loss (pairs of
+Losses: BLIP-2's language-modelling loss on the answer / caption tokens only (``adapter.training_loss``: the
+same value as ``adapter.loss``; for decoder-only LMs computed with the LM head applied only where a target
+token is predicted, which saves most of its cost on a large vocabulary); CLIP's symmetric contrastive loss (pairs of
 the same class count as positives when the samples carry a ``label``, as ``mini-clip`` was trained); a causal
 LM's next-token loss (``adapter.loss``).
 
@@ -51,7 +51,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import UserError
@@ -272,32 +271,38 @@ def most_common_answer(answers: Sequence[str]) -> str:
     return next(a for a in (str(x).strip() for x in answers) if counts[a] == best)
 
 
-def _json_kind(path: Path) -> str:
-    """``"vqa"`` for a questions file (or a folder of them), ``"captions"`` for COCO / Karpathy captions."""
+def _is_vqa(path: Path) -> bool:
+    """A VQA questions file (or a folder of them); anything else is read as image-caption pairs (a JSON that
+    is neither is refused here, naming what it holds)."""
     from .data import formats
 
     if path.is_dir():
-        return "vqa"
+        return True
+    if path.suffix.lower() != ".json":
+        return False
     obj = formats.read_json_file(path, "fine-tuning data")
     if isinstance(obj, dict) and "questions" in obj:
-        return "vqa"
+        return True
     if isinstance(obj, list) or (isinstance(obj, dict) and "images" in obj):
-        return "captions"
+        return False
     keys = ", ".join(repr(k) for k in list(obj)[:5]) if isinstance(obj, dict) else type(obj).__name__
     raise UserError(f"{path} has no 'questions' field (a VQAv2 questions JSON) and no 'images' field (a COCO "
-                    f"captions JSON); it holds {keys}: pass one of those files")
+                    f"captions or Karpathy JSON); it holds {keys}: pass one of those files")
 
 
 def read_finetune_rows(family: str, path: str | os.PathLike, *, annotations: str | os.PathLike | None = None,
-                       image_root: str | os.PathLike | None = None, prompt: str | None = None,
-                       split: str | None = "train") -> tuple[list[Any], str]:
+                       image_root: str | os.PathLike | None = None,
+                       prompt: str | None = None) -> tuple[list[Any], str]:
     """Read fine-tuning data for a model ``family`` without the model (so bad files fail before it loads).
 
     Returns ``(rows, name)``: rows ``(image, prompt, target)`` for BLIP-2 (``prompt`` None for captions: the
-    model's caption prompt), ``(image, caption)`` for CLIP, ``[text]`` for a causal LM. See
-    :func:`read_finetune_data`.
+    model's caption prompt), ``(image, caption)`` for CLIP, ``[text]`` for a causal LM. Image-caption pairs
+    are read as calibration reads them (:func:`ecoflap_utils.data.calibration.read_pairs`: COCO captions,
+    Karpathy's train + restval rows or a BLIP/LAVIS list, CSV/TSV; every listed image checked on disk).
+    See :func:`read_finetune_data`.
     """
     from .data import formats
+    from .data.calibration import detect_format, read_pairs
     from .evaluate import VQA_PROMPT
 
     path = Path(path)
@@ -307,7 +312,7 @@ def read_finetune_rows(family: str, path: str | os.PathLike, *, annotations: str
         return [formats.read_text(path)], f"text: {path}"
     if family not in ("blip2", "clip"):
         raise UserError(f"fine-tuning data files are read for BLIP-2, CLIP and causal LMs, not {family}")
-    if _json_kind(path) == "vqa":
+    if _is_vqa(path):
         if family == "clip":
             raise UserError(f"{path} holds VQA questions; CLIP fine-tunes on image-caption pairs: pass a COCO "
                             "captions or Karpathy JSON")
@@ -319,8 +324,11 @@ def read_finetune_rows(family: str, path: str | os.PathLike, *, annotations: str
                 for r in formats.read_vqa(q, a, image_root=image_root) if r["answers"]]
         name = f"vqa: {q}"
     else:
-        rows = [(r["image"], prompt, ref) for r in formats.read_captions(path, image_root=image_root, split=split)
-                for ref in r["references"]]
+        fmt = detect_format(path)
+        if fmt not in ("coco", "karpathy", "csv"):
+            raise UserError(f"{path} is {fmt!r} data; fine-tuning reads a VQAv2 questions JSON (BLIP-2) or "
+                            "image-caption pairs (a COCO captions, Karpathy or CSV file): pass one of those")
+        rows = [(p["image"], prompt, p["caption"]) for p in read_pairs(path, fmt, image_root)]
         name = f"captions: {path}"
     if not rows:
         raise UserError(f"{path}: no usable sample (no question with an answer, no image with a caption)")
@@ -347,22 +355,22 @@ def finetune_data_from_rows(adapter: ModelAdapter, rows: list[Any], name: str) -
 
 
 def read_finetune_data(adapter: ModelAdapter, path: str | os.PathLike, *, annotations: str | os.PathLike | None = None,
-                       image_root: str | os.PathLike | None = None, prompt: str | None = None,
-                       split: str | None = "train") -> FinetuneData:
+                       image_root: str | os.PathLike | None = None, prompt: str | None = None) -> FinetuneData:
     """Fine-tuning data from files in the evaluation formats (data/BENCHMARKS.md), read with
     :mod:`ecoflap_utils.data.formats`:
 
     * BLIP-2: a VQAv2 / OK-VQA questions JSON (or its folder) with its annotations (``annotations``, else the
       one ``*annotations*.json`` next to it): target = the most common answer after the prompt
-      ``"Question: {} Short answer:"``; or a COCO captions JSON (or a Karpathy JSON, ``split``): one sample per
-      reference caption after the prompt ``"a photo of"`` (the adapter's ``caption_prompt`` when it has one);
-    * CLIP: a COCO captions / Karpathy JSON: one (image, caption) pair per caption;
+      ``"Question: {} Short answer:"``; or image-caption pairs (a COCO captions JSON, Karpathy's JSON - its
+      train and restval rows, BLIP's 113k training images - or a BLIP/LAVIS list, or a CSV/TSV): one sample
+      per caption after the prompt ``"a photo of"`` (the adapter's ``caption_prompt`` when it has one);
+    * CLIP: the same image-caption pairs, one (image, caption) pair per caption;
     * causal LM: a raw text file, cut into windows of ``adapter.seq_len`` tokens (seeded random offsets).
 
     Images stay paths until their batch is drawn. Unreadable files raise UserError naming file and field.
     """
     rows, name = read_finetune_rows(adapter.family, path, annotations=annotations, image_root=image_root,
-                                    prompt=prompt, split=split)
+                                    prompt=prompt)
     return finetune_data_from_rows(adapter, rows, name)
 
 
@@ -400,52 +408,16 @@ def _index_stream(n: int, gen: torch.Generator) -> Iterator[int]:
 
 
 # --------------------------------------------------------------------------- losses
-def _blip2_decoder_loss(adapter: ModelAdapter, batch: Mapping[str, Any], vision_grad: bool) -> torch.Tensor:
-    """``Blip2ForConditionalGeneration.forward(**batch).loss`` for a decoder-only LM, computed the same way
-    except that the ViT runs without gradients unless it is trained and the LM head is applied only at the
-    positions that predict a target token (``labels != -100``)."""
-    model = adapter.model
-    lm = model.language_model
-    with torch.set_grad_enabled(vision_grad and torch.is_grad_enabled()):
-        image = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
-    queries = model.qformer(query_embeds=model.query_tokens.expand(image.shape[0], -1, -1),
-                            encoder_hidden_states=image,
-                            encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long,
-                                                              device=image.device)).last_hidden_state
-    if queries.dtype != image.dtype:
-        queries = queries.to(image.dtype)
-    visual = model.language_projection(queries)
-    ids = batch["input_ids"]
-    embeds = lm.get_input_embeddings()(ids)
-    slots = (ids == model.config.image_token_index).unsqueeze(-1)
-    embeds = embeds.masked_scatter(slots, visual.to(embeds.dtype))
-    hidden = lm.base_model(inputs_embeds=embeds, attention_mask=batch.get("attention_mask"),
-                           use_cache=False).last_hidden_state
-    target = batch["labels"][:, 1:]
-    where = target != -100
-    logits = lm.get_output_embeddings()(hidden[:, :-1][where])
-    return F.cross_entropy(logits.float(), target[where])
-
-
-def _fast_blip2(adapter: ModelAdapter) -> bool:
-    if adapter.family != "blip2" or getattr(adapter, "is_t5", True):
-        return False
-    lm = adapter.model.language_model
-    return lm.base_model is not lm and lm.get_output_embeddings() is not None
-
-
 def task_loss(adapter: ModelAdapter, batch: Mapping[str, Any], *, labels: torch.Tensor | None = None,
               vision_grad: bool = True) -> torch.Tensor:
     """The family's training loss on a collated batch (see the module docstring)."""
-    if _fast_blip2(adapter):
-        return _blip2_decoder_loss(adapter, batch, vision_grad)
     if adapter.family == "clip" and labels is not None:
         from .zoo.train import clip_batch_loss
 
         img = adapter.encode_image(batch["image"]).float()
         txt = adapter.encode_text(batch["text"]).float()
         return clip_batch_loss(img, txt, labels.to(img.device), adapter.model.logit_scale.exp().float())
-    return adapter.loss(batch)
+    return adapter.training_loss(batch, vision_grad=vision_grad)
 
 
 def _labels_of(samples: Sequence[Any]) -> torch.Tensor | None:

@@ -9,7 +9,6 @@
 # **You will learn** which knobs matter and how much, measured, on a CPU in minutes.
 
 # %%
-import json
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
@@ -99,13 +98,12 @@ pd.DataFrame([{"method": r["method"], "sparsity": r["sparsity"], **r["metrics"]}
 # %%
 def ecoflap_ppl(label, method="wanda", margin=0.1, **score_kw):
     base = {"samples": FIRST_STAGE_SAMPLES, "eps": 1e-3, "num_noise": 1, "perturb": PERTURB, **ex.score_settings(lm, PROTOCOL)}
-    key = ex.score_cache_key("zeroth", PROTOCOL) if (kw := {**base, **score_kw}) == base else json.dumps(kw)  # the sweep's
-    if key not in score_cache:
-        score_cache[key] = ex.coarse_scores(lm, "zeroth", calibration=ex.calibration_for(lm, CALIBRATION, kw.pop("samples"), SEED)[0], seed=SEED, progress=False, **kw)
-    sc, cost = score_cache[key]
+    sc, cost, first = ex.ablation_scores(lm, score_cache, base, calibration=CALIBRATION, seed=SEED, protocol=PROTOCOL,
+                                         **score_kw)  # the unchanged setting reuses the sweep's scores
     sp = allocate_sparsity(sc, sizes, TARGET, max_sparsity=min(TARGET + margin, 0.99))
     rec = ex.record(lm.name, f"ecoflap ({label})", TARGET, "perplexity", {"perplexity": ppl_at(expand_to_layers(sp, groups), method)},
-                    {"scores": cost}, ex.calibration_config(PROTOCOL, fine=source, label=label, max_block_sparsity=max(sp.values())))
+                    {"scores": cost}, ex.calibration_config(PROTOCOL, fine=source, first_stage=first, label=label,
+                                                            max_block_sparsity=max(sp.values())))
     records.append(rec)
     return {"setting": label, "perplexity": rec["metrics"]["perplexity"], "score_s": cost["wall_s"]}
 rows = [ecoflap_ppl(f"eps={e:g}", eps=e) for e in EPS_VALUES]

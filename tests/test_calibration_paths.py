@@ -76,6 +76,26 @@ def test_sweep_calibrates_on_the_file_and_records_it(files, llama):
     assert json.loads(json.dumps(recs))[0]["config"]["calibration"]["fine"]["format"] == "text"  # results.json shows it
 
 
+def test_ablation_scores_reuse_the_sweeps_entry_and_name_their_calibration(files, llama):
+    base = {"samples": 4, "eps": 1e-3, "num_noise": 1, "perturb": "group"}
+    cache = {}
+    ex.sparsity_sweep(llama, methods=["ecoflap-zeroth"], sparsities=[0.5], limit=1, calib_samples=4,
+                      first_stage_samples=4, include_dense=False, progress=False, perturb="group",
+                      calibration=str(files["text"]), score_cache=cache)
+    swept = cache[ex.score_cache_key("zeroth")]
+    sc, cost, first = ex.ablation_scores(llama, cache, base, calibration=str(files["text"]))
+    assert (sc, cost) == swept  # the sweep's scores, not a new pass
+    assert first == ex.calibration_for(llama, str(files["text"]), 4)[1] and first["count"] == 4
+    sc2, _, first2 = ex.ablation_scores(llama, cache, base, calibration=str(files["text"]), eps=1e-2)
+    direct, _ = ex.coarse_scores(llama, "zeroth", calibration=ex.calibration_for(llama, str(files["text"]), 4)[0],
+                                 samples=4, eps=1e-2, num_noise=1, perturb="group", progress=False)
+    assert sc2 == direct and sc2 != sc and first2 == first  # a new setting: its own pass, the same samples
+    n = len(cache)
+    assert ex.ablation_scores(llama, cache, base, calibration=str(files["text"]), eps=1e-2)[0] == sc2
+    assert len(cache) == n  # computed once
+    assert ex.ablation_scores(llama, {}, base)[2] is None  # generated samples: no record
+
+
 def test_weight_statistics_and_loss_landscape_read_the_file(files, llama):
     ours = ex.weight_statistics(llama, calib_samples=4, calibration=str(files["text"]), max_values=200)
     gen = ex.weight_statistics(llama, calib_samples=4, max_values=200)

@@ -2,6 +2,7 @@
 import csv
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -155,7 +156,12 @@ def test_fast_blip2_loss_equals_the_adapter_loss():
     batch = a.batches(a.calibration_samples(6, 1), 6)[0]
     q = a.model.query_tokens
     q.requires_grad_(True)
-    fast = task_loss(a, batch)
+    rows = []
+    head = a.model.language_model.get_output_embeddings()
+    hook = head.register_forward_hook(lambda m, inp, out: rows.append(inp[0].shape))
+    fast = task_loss(a, batch)  # adapter.training_loss
+    hook.remove()
+    assert rows == [torch.Size([int((batch["labels"][:, 1:] != -100).sum()), head.in_features])]  # targets only
     (g_fast,) = torch.autograd.grad(fast, q)
     full = a.loss(batch)
     (g_full,) = torch.autograd.grad(full, q)
@@ -364,6 +370,29 @@ def test_cli_reads_vqa_and_caption_files(pruned_run, tmp_path):
                  "--no-progress"]) == 0
     ft = json.loads((out / "pruning_config.json").read_text())["finetune"]
     assert ft["data"].startswith("captions:") and ft["samples"] == 3
+
+
+def test_caption_rows_are_read_as_calibration_reads_them(tmp_path):
+    """Karpathy's JSON gives its train and restval rows (BLIP's 113k training images), not val; a CSV works too;
+    a file of another kind is refused in one line."""
+    from ecoflap_utils.finetune import read_finetune_rows
+
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        _write_image(tmp_path / name, 10)
+    (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": [
+        {"filepath": "", "filename": "a.jpg", "split": "train", "sentences": [{"raw": "one"}, {"raw": "two"}]},
+        {"filepath": "", "filename": "b.jpg", "split": "restval", "sentences": [{"raw": "three"}]},
+        {"filepath": "", "filename": "c.jpg", "split": "val", "sentences": [{"raw": "held out"}]}]}))
+    rows, name = read_finetune_rows("blip2", tmp_path / "dataset_coco.json")
+    assert [(Path(im).name, p, t) for im, p, t in rows] == [("a.jpg", None, "one"), ("a.jpg", None, "two"),
+                                                            ("b.jpg", None, "three")]
+    assert name == f"captions: {tmp_path / 'dataset_coco.json'}"
+    (tmp_path / "pairs.csv").write_text("filepath,caption\nc.jpg,a digit\n")
+    rows, _ = read_finetune_rows("clip", tmp_path / "pairs.csv")
+    assert [(Path(im).name, c) for im, c in rows] == [("c.jpg", "a digit")]
+    (tmp_path / "notes.txt").write_text("plain text")
+    with pytest.raises(UserError, match=r"is 'text' data; fine-tuning reads .* image-caption pairs"):
+        read_finetune_rows("blip2", tmp_path / "notes.txt")
 
 
 def test_file_samples_match_the_evaluation_prompt():

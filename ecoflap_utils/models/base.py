@@ -138,6 +138,12 @@ class ModelAdapter:
         loss head is large (causal LMs: the vocabulary logits) override it."""
         return self.loss(batch)
 
+    def training_loss(self, batch: dict[str, Any], *, vision_grad: bool = True) -> torch.Tensor:
+        """The same loss for fine-tuning: adapters may skip work that training does not need (BLIP-2 with a
+        decoder-only LM runs its ViT without gradients when ``vision_grad`` is false and its LM head only at
+        the target positions). The value and the trained parameters' gradients equal :meth:`loss`'s."""
+        return self.loss(batch)
+
     def input_device(self) -> torch.device:
         try:
             return next(self.model.parameters()).device

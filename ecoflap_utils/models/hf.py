@@ -229,6 +229,32 @@ class Blip2Adapter(ModelAdapter):
     def loss(self, batch):
         return self.model(**batch, use_cache=False).loss
 
+    def training_loss(self, batch, *, vision_grad: bool = True):
+        """``loss`` for a decoder-only LM computed the same way except that the ViT runs without gradients
+        unless ``vision_grad`` and the LM head is applied only at the positions that predict a target token
+        (``labels != -100``); T5 and LMs without a separate head use :meth:`loss`."""
+        model = self.model
+        lm = model.language_model
+        if self.is_t5 or lm.base_model is lm or lm.get_output_embeddings() is None:
+            return self.loss(batch)
+        with torch.set_grad_enabled(vision_grad and torch.is_grad_enabled()):
+            image = model.vision_model(pixel_values=batch["pixel_values"]).last_hidden_state
+        queries = model.qformer(query_embeds=model.query_tokens.expand(image.shape[0], -1, -1),
+                                encoder_hidden_states=image,
+                                encoder_attention_mask=torch.ones(image.shape[:-1], dtype=torch.long,
+                                                                  device=image.device)).last_hidden_state
+        visual = model.language_projection(queries.to(image.dtype))
+        ids = batch["input_ids"]
+        embeds = lm.get_input_embeddings()(ids)
+        slots = (ids == model.config.image_token_index).unsqueeze(-1)
+        embeds = embeds.masked_scatter(slots, visual.to(embeds.dtype))
+        hidden = lm.base_model(inputs_embeds=embeds, attention_mask=batch.get("attention_mask"),
+                               use_cache=False).last_hidden_state
+        target = batch["labels"][:, 1:]
+        where = target != -100
+        logits = lm.get_output_embeddings()(hidden[:, :-1][where])
+        return torch.nn.functional.cross_entropy(logits.float(), target[where])
+
 
 def _encode(tokenizer, text: str, *, special: bool) -> list[int]:
     ids = tokenizer.encode(text, add_special_tokens=special)
