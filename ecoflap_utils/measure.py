@@ -22,7 +22,8 @@ def _rss() -> int:
 def track(device: str | torch.device = "cpu", interval: float = 0.005) -> Iterator[dict]:
     """Measure the enclosed code; the yielded dict is filled on exit.
 
-    Keys: ``wall_s``, ``peak_mb`` (absolute peak), ``peak_delta_mb`` (peak minus the start), ``memory_kind``.
+    Keys: ``wall_s``, ``peak_mb`` (absolute peak), ``peak_delta_mb`` (peak minus the start), ``memory_kind``,
+    ``threads`` (torch's intra-op threads: results near a cliff can depend on them, NOTES.md session 5).
     """
     dev = torch.device(device)
     out: dict = {}
@@ -37,7 +38,8 @@ def track(device: str | torch.device = "cpu", interval: float = 0.005) -> Iterat
             torch.cuda.synchronize(dev)
             peak = torch.cuda.max_memory_allocated(dev)
             out.update(wall_s=time.perf_counter() - t0, peak_mb=peak / 2**20,
-                       peak_delta_mb=(peak - start_mem) / 2**20, memory_kind="cuda_max_allocated")
+                       peak_delta_mb=(peak - start_mem) / 2**20, memory_kind="cuda_max_allocated",
+                       threads=torch.get_num_threads())
         return
     start = _rss()
     peak = [start]
@@ -59,7 +61,7 @@ def track(device: str | torch.device = "cpu", interval: float = 0.005) -> Iterat
         th.join()
         peak[0] = max(peak[0], _rss())
         out.update(wall_s=wall, peak_mb=peak[0] / 2**20, peak_delta_mb=(peak[0] - start) / 2**20,
-                   memory_kind="process_rss")
+                   memory_kind="process_rss", threads=torch.get_num_threads())
 
 
 class Resources:

@@ -173,6 +173,14 @@ print(format_table(summarize(result.report), ["stack", "modality", "params", "ta
 #   sentences below say for this run. Notebook 07 asks the other question: how much of the loss
 #   masked fine-tuning gives back.
 #
+# A caution for points at the edge of a cliff: the interval beside each number covers which questions were
+# asked, not how the pruned model was computed. On the bundled defaults (32 first-stage samples, group
+# scores) ECoFLaP on SparseGPT at 0.7 read 91 % with two torch threads and 38 % with one, from identical
+# block scores and allocations, while uniform SparseGPT read 43 and 46 (NOTES.md, session 5): the
+# rounding in the SparseGPT fine stage and the generation alone moved it. Records carry the thread count
+# (`resources.fine.threads`); before calling one method better at such a point, repeat it with other seeds
+# or thread counts.
+#
 # `grids/paper.yaml` runs the same notebook at the paper's settings on BLIP-2 on a GPU (`PROTOCOL: paper`,
 # calibration on CC3M through `CALIBRATION`, VQAv2 through `DATA`).
 
