@@ -141,7 +141,8 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # pragma: no cover
-        print("interrupted: nothing was written to the output directory", file=sys.stderr)
+        print(f"interrupted: {getattr(args, 'interrupted', 'nothing was written to the output directory')}",
+              file=sys.stderr)
         return 130
 
 

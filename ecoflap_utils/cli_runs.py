@@ -23,7 +23,8 @@ def add_runs_parser(subparsers) -> argparse.ArgumentParser:
                    help="notebooks run at once, each with an equal share of the cores as its threads (make run "
                         "uses 2: small models use two threads poorly, so two one-thread runs finish sooner)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    p.set_defaults(func=cmd_runs)
+    p.set_defaults(func=cmd_runs, interrupted="finished runs are kept (they hold a .complete marker); run the same "
+                                               "command again to do the others")
     return p
 
 

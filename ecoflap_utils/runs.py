@@ -27,6 +27,9 @@ and ``results.json`` was checked against the schema. So:
 - a folder without the marker, from a failed or interrupted attempt, is not trusted: it is emptied and run
   again. Only folders the runner made (stamped with ``.run.json``) are ever deleted.
 
+Runs are independent, so ``jobs=N`` (``runs --jobs N``) runs N of them at once, each kernel with an equal
+share of the cores as its threads; resuming works the same way.
+
 After the runs, :func:`collect_results` reads every complete run's ``results.json`` under ``out_dir`` into
 one table, and :func:`write_summary` writes ``results.csv``, ``results.md`` and ``figures/*.png``.
 """
@@ -516,7 +519,11 @@ def threads_per_job(jobs: int, cores: int | None = None) -> int:
 
 def _limit_threads(threads: int) -> None:
     """Worker initializer: the kernels it starts inherit this environment, so torch, OpenMP and MKL inside
-    them use ``threads`` threads. A thread count the user exported is kept."""
+    them use ``threads`` threads. A thread count the user exported is kept. Ctrl-C is left to the main
+    process (:func:`_execute_in_parallel` stops the workers; their kernels exit with their parent)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ.setdefault(var, str(threads))
 
@@ -576,13 +583,18 @@ def _execute_in_parallel(todo: Sequence[RunSpec], out: Path, done: dict, bar, *,
                          timeout: float | None, jobs: int) -> None:
     """Run ``todo`` in a pool of ``min(jobs, len(todo))`` processes (spawned: no torch state forked), filling
     ``done`` as runs finish; a worker's unexpected error (not a failing notebook, which ``_execute`` records)
-    propagates, as it would when running one at a time."""
+    propagates, as it would when running one at a time.
+
+    Ctrl-C stops the batch at once: no further run starts, the workers are terminated, and their kernels,
+    which watch their parent process (ipykernel's parent poller), exit with them. The runs they were doing
+    keep no ``.complete`` marker, so the next call redoes them and skips the finished ones."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     workers = min(jobs, len(todo))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_limit_threads, initargs=(threads_per_job(workers),)) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_limit_threads, initargs=(threads_per_job(workers),))
+    try:
         running = {pool.submit(_execute, spec, out / spec.name, out, kernel_name=kernel, timeout=timeout): spec
                    for spec in todo}
         while running:
@@ -593,6 +605,15 @@ def _execute_in_parallel(todo: Sequence[RunSpec], out: Path, done: dict, bar, *,
                 spec = running.pop(fut)
                 done[spec.name] = fut.result()
                 bar.update()
+    except BaseException:
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for p in processes:
+            p.terminate()
+        for p in processes:
+            p.join(10)
+        raise
+    pool.shutdown(wait=True)
 
 
 def report_text(result: GridResult) -> str:

@@ -313,6 +313,47 @@ runs:
     assert s3 >= min(f1, f2)  # and the third waited for a free worker: never more than 2 at once
 
 
+def test_ctrl_c_stops_a_parallel_batch_at_once_and_a_rerun_resumes(tmp_path):
+    """SIGINT to the batch (as Ctrl-C sends it to the terminal's process group): exit 130 within seconds with a
+    one-line message, no queued run started, the kernels gone, nothing marked complete; the rerun does it all."""
+    import signal
+    import subprocess
+    import time
+
+    counter = tmp_path / "counter.txt"
+
+    def grid(sleep):
+        path = tmp_path / f"grid{sleep}.yaml"
+        path.write_text(f"notebook: {TOY}\nparameters: {{SLEEP: {sleep}, COUNTER_FILE: '{counter}'}}\n"
+                        f"grid: {{sparsity: [0.1, 0.2, 0.3]}}\n")
+        return path
+
+    proc = subprocess.Popen([sys.executable, "-m", "ecoflap_utils", "runs", str(grid(60)), "--out",
+                             str(tmp_path / "out"), "--jobs", "2", "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while len(executions(counter)) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert len(executions(counter)) == 2, proc.communicate()  # both workers' kernels are running a notebook
+    kernels = [int(ln.split("\t")[2]) for ln in counter.read_text().splitlines()]
+    os.killpg(proc.pid, signal.SIGINT)
+    t0 = time.time()
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.time() - t0 < 20
+    assert "interrupted: finished runs are kept (they hold a .complete marker); run the same command again to do " \
+           "the others" in err.splitlines()  # one line (the kernels' own log lines may follow it)
+    time.sleep(3)  # ipykernel's parent poller checks every second
+    for pid in kernels:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert sorted(executions(counter)) == ["sparsity=0.1", "sparsity=0.2"]  # the queued run never started
+    assert not list((tmp_path / "out").glob("*/*/" + runs.COMPLETE))
+
+    result = runs.run_grid(grid(0), tmp_path / "out", progress=False, summary=False, jobs=2)
+    assert [r.status for r in result.runs] == ["done"] * 3
+    assert sorted(executions(counter)[2:]) == ["sparsity=0.1", "sparsity=0.2", "sparsity=0.3"]
+
+
 @pytest.mark.parametrize("jobs", [0, -1, 1.5])
 def test_bad_jobs_is_a_user_error(tmp_path, jobs):
     with pytest.raises(UserError, match="jobs must be a whole number"):
