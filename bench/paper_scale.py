@@ -322,6 +322,9 @@ def report(a, rows, probe, bs, first_bs, limit_mb, total_s, argv) -> str:
         lines.append(f"| {labels[st]} | {b} | {fmt(t, 1)} | {fmt(t / fwd_s if fwd_s else None)} | {fmt(mb / 1024)} | "
                      f"{fmt(mb / fwd_mb if fwd_mb else None)} | {fmt(est, 0)} | {paper_s} | {note} |")
     cmd = "bench/paper_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    # allocator settings change RSS peaks (NOTES.md session 5): name them in the command line they ran under
+    env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+    cmd = f"{env} .venv/bin/python {cmd}" if env else f".venv/bin/python {cmd}"
     acc = []
     for st, lim in (("zeroth", 1.1), ("first-low", 1.1)):
         r = rows.get(st, {})
@@ -336,7 +339,7 @@ def report(a, rows, probe, bs, first_bs, limit_mb, total_s, argv) -> str:
     elif "error" in r:
         acc.append(f"plain first-order: {r['error']}")
     head = [f"# Paper scale: BLIP-2 Flan-T5-XL ({a.scale}), coarse-stage methods on a CPU", "",
-            f"`.venv/bin/python {cmd.strip()}` on {date.today().isoformat()}, {os.cpu_count()} CPU cores "
+            f"`{cmd.strip()}` on {date.today().isoformat()}, {os.cpu_count()} CPU cores "
             f"({a.threads} torch threads), {a.scale} architecture, "
             f"{'weights from ' + a.weights if a.weights else 'random bf16 weights'}; images 224x224 "
             f"(tiny: the tiny config's size); captions of 10-15 tokens; total {total_s / 60:.1f} min.", "",

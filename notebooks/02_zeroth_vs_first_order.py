@@ -178,7 +178,9 @@ print(f"{len(records)} records and figures in {OUT_DIR}")
 # small the activations a backward pass keeps are a few MB, so on a CPU the RSS differences between
 # methods are near the sampling noise of `track` and time is what separates them; low-memory first
 # order gives the same scores as plain first order (its max relative difference is in the cost records)
-# and keeps a backward pass at about a forward pass's memory, which is what matters at BLIP-2 scale.
+# and keeps a backward pass near a forward pass's memory, which is what matters at BLIP-2 scale
+# (`bench/results/paper_scale*.md`, BLIP-2 Flan-T5-XL on a CPU: 1.02x a no-grad forward's peak at batch 1;
+# at batch 8 1.20x, or 1.04x once glibc returns freed memory; plain autograd needs about 2x).
 #
 # The default grid (`grids/default.yaml`) runs this notebook on `mini-clip` with the defaults above
 # (SAMPLE_COUNTS 8, 16, 32 and the three EPS_VALUES), no faster variant: since the smaller counts reuse
