@@ -271,20 +271,20 @@ def most_common_answer(answers: Sequence[str]) -> str:
     return next(a for a in (str(x).strip() for x in answers) if counts[a] == best)
 
 
-def _is_vqa(path: Path) -> bool:
-    """A VQA questions file (or a folder of them); anything else is read as image-caption pairs (a JSON that
-    is neither is refused here, naming what it holds)."""
-    from .data import formats
+def _data_kind(path: Path) -> str:
+    """``"vqa"`` for a VQA questions file (or a folder of them), else the image-caption format of
+    :mod:`ecoflap_utils.data.calibration` (``coco``, ``karpathy``, ``csv``, ...), reading a JSON file once."""
+    from .data import calibration, formats
 
     if path.is_dir():
-        return True
+        return "vqa"
     if path.suffix.lower() != ".json":
-        return False
+        return calibration.detect_format(path)
     obj = formats.read_json_file(path, "fine-tuning data")
     if isinstance(obj, dict) and "questions" in obj:
-        return True
+        return "vqa"
     if isinstance(obj, list) or (isinstance(obj, dict) and "images" in obj):
-        return False
+        return calibration._json_kind(obj, path)
     keys = ", ".join(repr(k) for k in list(obj)[:5]) if isinstance(obj, dict) else type(obj).__name__
     raise UserError(f"{path} has no 'questions' field (a VQAv2 questions JSON) and no 'images' field (a COCO "
                     f"captions or Karpathy JSON); it holds {keys}: pass one of those files")
@@ -302,7 +302,7 @@ def read_finetune_rows(family: str, path: str | os.PathLike, *, annotations: str
     See :func:`read_finetune_data`.
     """
     from .data import formats
-    from .data.calibration import detect_format, read_pairs
+    from .data.calibration import read_pairs
     from .evaluate import VQA_PROMPT
 
     path = Path(path)
@@ -312,7 +312,8 @@ def read_finetune_rows(family: str, path: str | os.PathLike, *, annotations: str
         return [formats.read_text(path)], f"text: {path}"
     if family not in ("blip2", "clip"):
         raise UserError(f"fine-tuning data files are read for BLIP-2, CLIP and causal LMs, not {family}")
-    if _is_vqa(path):
+    kind = _data_kind(path)
+    if kind == "vqa":
         if family == "clip":
             raise UserError(f"{path} holds VQA questions; CLIP fine-tunes on image-caption pairs: pass a COCO "
                             "captions or Karpathy JSON")
@@ -324,11 +325,10 @@ def read_finetune_rows(family: str, path: str | os.PathLike, *, annotations: str
                 for r in formats.read_vqa(q, a, image_root=image_root) if r["answers"]]
         name = f"vqa: {q}"
     else:
-        fmt = detect_format(path)
-        if fmt not in ("coco", "karpathy", "csv"):
-            raise UserError(f"{path} is {fmt!r} data; fine-tuning reads a VQAv2 questions JSON (BLIP-2) or "
+        if kind not in ("coco", "karpathy", "csv"):
+            raise UserError(f"{path} is {kind!r} data; fine-tuning reads a VQAv2 questions JSON (BLIP-2) or "
                             "image-caption pairs (a COCO captions, Karpathy or CSV file): pass one of those")
-        rows = [(p["image"], prompt, p["caption"]) for p in read_pairs(path, fmt, image_root)]
+        rows = [(p["image"], prompt, p["caption"]) for p in read_pairs(path, kind, image_root)]
         name = f"captions: {path}"
     if not rows:
         raise UserError(f"{path}: no usable sample (no question with an answer, no image with a caption)")
@@ -356,8 +356,8 @@ def finetune_data_from_rows(adapter: ModelAdapter, rows: list[Any], name: str) -
 
 def read_finetune_data(adapter: ModelAdapter, path: str | os.PathLike, *, annotations: str | os.PathLike | None = None,
                        image_root: str | os.PathLike | None = None, prompt: str | None = None) -> FinetuneData:
-    """Fine-tuning data from files in the evaluation formats (data/BENCHMARKS.md), read with
-    :mod:`ecoflap_utils.data.formats`:
+    """Fine-tuning data from files (data/BENCHMARKS.md): VQA with :mod:`ecoflap_utils.data.formats`, image-caption
+    pairs with :func:`ecoflap_utils.data.calibration.read_pairs` (as calibration reads them):
 
     * BLIP-2: a VQAv2 / OK-VQA questions JSON (or its folder) with its annotations (``annotations``, else the
       one ``*annotations*.json`` next to it): target = the most common answer after the prompt
