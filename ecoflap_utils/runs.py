@@ -54,7 +54,7 @@ from .records import CORE_COLUMNS, interval_bounds, is_metric_column, records_fr
 COMPLETE = ".complete"
 STAMP = ".run.json"
 RESULTS = "results.json"
-ENTRY_KEYS = ("notebook", "parameters", "grid", "name")
+ENTRY_KEYS = ("notebook", "parameters", "grid", "name", "slurm")
 RESERVED = ("OUT_DIR",)
 KERNEL_NAME = "ecoflap"
 _MAX_COMPONENT = 120
@@ -70,6 +70,7 @@ class RunSpec:
     notebook: Path
     parameters: dict
     varying: dict
+    slurm: dict | None = None  # the entry's own Slurm resources (``slurm: {gpus: 1, time: "04:00:00"}``)
 
 
 def _safe_component(text: str) -> str:
@@ -237,13 +238,19 @@ def _expand_entry(entry, at: str, bases: Sequence[Path]) -> list[RunSpec]:
     template = entry.get("name")
     if template is not None and not isinstance(template, str):
         raise UserError(f"{at}.name must be a string template such as '{{notebook}}/{{method}}-{{sparsity}}'")
+    resources = entry.get("slurm")
+    if resources is not None:
+        from .cluster import SlurmOptions, entry_options
+
+        entry_options(SlurmOptions(), resources, at)  # checked now, applied when submitted to Slurm
+        resources = dict(resources)
     keys = list(grid)
     out = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         varying = dict(zip(keys, combo))
         p = {**params, **varying}
         out.append(RunSpec(name=run_name(notebook.stem, varying, p, template), notebook=notebook,
-                           parameters=p, varying=varying))
+                           parameters=p, varying=varying, slurm=resources))
     return out
 
 
@@ -366,7 +373,8 @@ def resolve_kernel(kernel_name: str | None = None, *, prefix: str | os.PathLike 
 
 @dataclass
 class RunOutcome:
-    """What happened to one run: ``status`` is ``done``, ``skipped`` (already complete) or ``failed``."""
+    """What happened to one run: ``status`` is ``done``, ``skipped`` (already complete), ``failed``, or, with
+    ``--executor slurm``, ``pending`` (its job is queued or running) or ``missing`` (``--collect``: no job yet)."""
 
     spec: RunSpec
     run_dir: Path
@@ -401,6 +409,11 @@ class GridResult:
     @property
     def failed(self) -> list[RunOutcome]:
         return [r for r in self.runs if r.status == "failed"]
+
+    @property
+    def pending(self) -> list[RunOutcome]:
+        """Runs whose Slurm job is queued or running (``--no-wait``, ``--collect``), or never submitted."""
+        return [r for r in self.runs if r.status in ("pending", "missing")]
 
     @property
     def ok(self) -> bool:
@@ -452,25 +465,30 @@ def check_results(obj: Any, path: str | os.PathLike = RESULTS) -> list[dict]:
     return [dict(r) for r in records]
 
 
-def _prepare_run_dir(run_dir: Path, out_dir: Path) -> None:
-    """Empty a stale run folder (ours: stamped, or already empty); refuse to touch anything else."""
+def _prepare_run_dir(run_dir: Path, out_dir: Path, keep: Sequence[str] = ()) -> None:
+    """Empty a stale run folder (ours: stamped, or already empty); refuse to touch anything else. Entries named
+    in ``keep`` stay (a Slurm job keeps its ``slurm.json`` and log link, written at submission)."""
     if run_dir.exists():
         if not run_dir.is_dir():
             raise UserError(f"{run_dir} exists and is not a folder: move it away or choose another --out")
-        contents = list(run_dir.iterdir())
+        contents = [p for p in run_dir.iterdir() if p.name not in keep]
         if contents and not (run_dir / STAMP).is_file():
             raise UserError(f"{run_dir} holds files that this runner did not write: move them away or choose "
                             f"another --out")
-        if contents:
-            assert out_dir in run_dir.parents
-            shutil.rmtree(run_dir)
+        assert not contents or out_dir in run_dir.parents
+        for p in contents:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _execute(spec: RunSpec, run_dir: Path, out_dir: Path, *, kernel_name: str, timeout: float | None) -> RunOutcome:
+def _execute(spec: RunSpec, run_dir: Path, out_dir: Path, *, kernel_name: str, timeout: float | None,
+             keep: Sequence[str] = ()) -> RunOutcome:
     import papermill as pm
 
-    _prepare_run_dir(run_dir, out_dir)
+    _prepare_run_dir(run_dir, out_dir, keep)
     started = time.time()
     write_json_atomic(run_dir / STAMP, {"name": spec.name, "notebook": str(spec.notebook),
                                         "parameters": spec.parameters, "kernel": kernel_name,
@@ -530,7 +548,8 @@ def _limit_threads(threads: int) -> None:
 
 def run_grid(grid_path_or_dict, out_dir: str | os.PathLike = "runs", *, kernel_name: str | None = None,
              progress: bool = True, timeout: float | None = None, summary: bool = True,
-             jobs: int = 1) -> GridResult:
+             jobs: int = 1, executor: str = "local", slurm=None, wait: bool = True,
+             collect: bool = False) -> GridResult:
     """Run every point of a grid with papermill, skipping complete runs, then write the results table.
 
     Each run's notebook gets ``OUT_DIR`` (its folder under ``out_dir``) and its parameters; see the module
@@ -543,14 +562,32 @@ def run_grid(grid_path_or_dict, out_dir: str | os.PathLike = "runs", *, kernel_n
     :func:`threads_per_job` threads. Small models use two threads poorly: on 2 cores two one-thread runs of
     notebooks 01 and 05 took 150 s together where one after the other at two threads took 226 s (NOTES.md
     session 5). The runs of one grid must not write to each other's files (each writes only its ``OUT_DIR``).
+
+    ``executor="slurm"`` submits each run as a Slurm job through submitit (``slurm``: a
+    ``cluster.SlurmOptions``; a grid entry's own ``slurm:`` resources go on top), with the same run folders,
+    markers and resume rules (``cluster.py``). ``wait=False`` returns once the jobs are submitted (their runs
+    read ``pending``); ``collect=True`` submits nothing and summarises what is complete, listing the runs
+    still pending and those whose jobs ended without finishing (``failed``, with the reason).
     """
     from tqdm.auto import tqdm
 
+    if executor not in ("local", "slurm"):
+        raise UserError(f"unknown executor {executor!r}: use --executor local (this machine) or slurm (a Slurm "
+                        f"cluster, through submitit)")
     if not isinstance(jobs, int) or jobs < 1:
         raise UserError(f"jobs must be a whole number >= 1, got {jobs!r}: pass --jobs 1 to run one notebook at "
                         f"a time")
+    if executor == "local" and slurm is not None:
+        raise UserError("Slurm options were given with --executor local: add --executor slurm, or drop them")
+    if executor == "slurm" and jobs != 1:
+        raise UserError("--jobs sets local parallelism; with --executor slurm use --array-parallelism")
     specs = expand_grid(grid_path_or_dict)
     out = Path(out_dir).expanduser().resolve()
+    if executor == "slurm" or collect:
+        from .cluster import SlurmOptions, entry_options
+
+        base = slurm if slurm is not None else SlurmOptions()
+        options = {s.name: entry_options(base, s.slurm, s.name) for s in specs}  # all checked before submitting
     out.mkdir(parents=True, exist_ok=True)
     done: dict[str, RunOutcome] = {}
     todo = []
@@ -560,7 +597,12 @@ def run_grid(grid_path_or_dict, out_dir: str | os.PathLike = "runs", *, kernel_n
         else:
             todo.append(spec)
     bar = tqdm(total=len(specs), initial=len(done), desc="runs", unit="run", disable=None if progress else True)
-    if todo:
+    if collect:
+        _collect_states(todo, out, done)
+    elif todo and executor == "slurm":
+        _run_on_slurm(todo, out, done, bar, options=options, kernel=resolve_kernel(kernel_name), timeout=timeout,
+                      wait=wait)
+    elif todo:
         kernel = resolve_kernel(kernel_name)
         if jobs == 1 or len(todo) == 1:
             for spec in todo:
@@ -577,6 +619,76 @@ def run_grid(grid_path_or_dict, out_dir: str | os.PathLike = "runs", *, kernel_n
         result.files, result.figures, result.table = write_summary(out, df)
         print(report_text(result))
     return result
+
+
+def _collect_states(todo: Sequence[RunSpec], out: Path, done: dict) -> None:
+    """``--collect``: the state of each run that is not complete, submitting nothing: ``pending`` while its
+    recorded job is queued or running, ``failed`` (with the reason) when that job ended without finishing,
+    ``missing`` when no job was ever recorded for it."""
+    from .cluster import Tracked, read_job
+
+    for spec in todo:
+        run_dir = out / spec.name
+        rec = read_job(run_dir)
+        if rec is None:
+            err = run_dir / "error.txt"
+            if err.is_file():
+                done[spec.name] = RunOutcome(spec, run_dir, "failed", err.read_text().splitlines()[0])
+            else:
+                done[spec.name] = RunOutcome(spec, run_dir, "missing", "not submitted yet")
+            continue
+        t = Tracked(rec)
+        if t.state() == "alive":
+            done[spec.name] = RunOutcome(spec, run_dir, "pending", f"job {rec.job_id}")
+        else:
+            done[spec.name] = t.outcome(spec, run_dir)
+
+
+def _run_on_slurm(todo: Sequence[RunSpec], out: Path, done: dict, bar, *, options: Mapping, kernel: str,
+                  timeout: float | None, wait: bool) -> None:
+    """Submit the runs of ``todo`` that no live job is already doing (one job each, arrays per resources),
+    then, with ``wait``, follow every job until it ends and record its outcome."""
+    from .cluster import Tracked, read_job, submit
+
+    follow: dict[str, Tracked] = {}
+    fresh = []
+    for spec in todo:
+        run_dir = out / spec.name
+        rec = read_job(run_dir)
+        if rec is not None and Tracked(rec).state() == "alive":
+            follow[spec.name] = Tracked(rec)  # submitted by an earlier call: never twice
+            continue
+        _prepare_run_dir(run_dir, out)
+        write_json_atomic(run_dir / STAMP, {"name": spec.name, "notebook": str(spec.notebook),
+                                            "parameters": spec.parameters, "kernel": kernel, "executor": "slurm",
+                                            "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        fresh.append((spec, run_dir))
+    by_name = {s.name: s for s in todo}
+    # Slurm throttles an array itself (%array_parallelism); submitit's local cluster starts every job at once,
+    # so there the jobs are handed over as earlier ones end, array_parallelism at a time.
+    local = bool(fresh) and all(options[s.name].cluster == "local" for s, _ in fresh)
+    slots = min(options[s.name].array_parallelism for s, _ in fresh) if local and wait else len(fresh)
+
+    def hand_over():
+        n = max(0, slots - len(follow)) if local and wait else len(fresh)
+        batch, fresh[:] = fresh[:n], fresh[n:]
+        if batch:
+            follow.update(submit(batch, lambda s: options[s.name], out, kernel_name=kernel, timeout=timeout))
+
+    hand_over()
+    if not wait:
+        for name, t in follow.items():
+            done[name] = RunOutcome(by_name[name], out / name, "pending", f"job {t.record.job_id}")
+        return
+    poll = 0.5 if local or all(t.record.cluster == "local" for t in follow.values()) else 30.0
+    while follow:
+        bar.set_postfix_str(f"{len(follow)} job(s) queued or running", refresh=True)
+        for name in [n for n, t in follow.items() if t.state() == "ended"]:
+            done[name] = follow.pop(name).outcome(by_name[name], out / name)
+            bar.update()
+        hand_over()
+        if follow:
+            time.sleep(poll)
 
 
 def _execute_in_parallel(todo: Sequence[RunSpec], out: Path, done: dict, bar, *, kernel: str,
@@ -617,10 +729,12 @@ def _execute_in_parallel(todo: Sequence[RunSpec], out: Path, done: dict, bar, *,
 
 
 def report_text(result: GridResult) -> str:
-    """The end-of-batch report: counts, the results table, where the figures are, and the failed runs."""
+    """The end-of-batch report: counts, the results table, where the figures are, the failed runs, and (Slurm)
+    the runs still pending with where their logs are."""
     n = len(result.runs)
-    lines = [f"{n} run(s): {n - len(result.skipped) - len(result.failed)} done, {len(result.skipped)} skipped "
-             f"(already complete), {len(result.failed)} failed"]
+    done = sum(r.status == "done" for r in result.runs)
+    lines = [f"{n} run(s): {done} done, {len(result.skipped)} skipped (already complete), {len(result.failed)} "
+             f"failed" + (f", {len(result.pending)} pending" if result.pending else "")]
     if result.table:
         lines += ["", result.table, ""]
     if result.files:
@@ -631,6 +745,11 @@ def report_text(result: GridResult) -> str:
         lines.append(f"{len(result.failed)} failed run(s) (no {COMPLETE} marker; run the grid again to retry):")
         for r in result.failed:
             lines.append(f"  {r.name}: {r.error}  [{r.run_dir / r.spec.notebook.name}]")
+    if result.pending:
+        lines.append(f"{len(result.pending)} run(s) not finished yet (collect later with the same command and "
+                     f"--collect; a run's Slurm logs are in its slurm/ folder):")
+        for r in result.pending:
+            lines.append(f"  {r.name}: {r.status} ({r.error})")
     return "\n".join(lines)
 
 
