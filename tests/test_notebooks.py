@@ -115,7 +115,13 @@ def check_results(path: Path) -> list[dict]:
 
 
 def test_every_notebook_runs_on_the_tiny_models(tmp_path):
-    result = run_grid(ROOT / "grids" / "tiny.yaml", tmp_path / "runs", progress=False)
+    """grids/tiny.yaml as a Slurm batch would run it (``runs --executor slurm``), through submitit's local cluster:
+    each notebook is a real job process with submitit's pickles and logs, one at a time (the local executor's
+    path is tests/test_runs.py's)."""
+    from ecoflap_utils.cluster import SlurmOptions
+
+    slurm = SlurmOptions(cluster="local", gpus=0, cpus=2, time="00:20:00", array_parallelism=1)
+    result = run_grid(ROOT / "grids" / "tiny.yaml", tmp_path / "runs", progress=False, executor="slurm", slurm=slurm)
     assert not result.failed, result.failed
     stems = set()
     for res in (tmp_path / "runs").glob("*/*/results.json"):
@@ -126,8 +132,10 @@ def test_every_notebook_runs_on_the_tiny_models(tmp_path):
     assert len(figures) >= 6
     assert (tmp_path / "runs" / "results.md").exists()
     # a second run resumes: nothing is executed again
-    again = run_grid(ROOT / "grids" / "tiny.yaml", tmp_path / "runs", progress=False, summary=False)
+    again = run_grid(ROOT / "grids" / "tiny.yaml", tmp_path / "runs", progress=False, summary=False,
+                     executor="slurm", slurm=slurm)
     assert not again.executed and len(again.skipped) == len(result.runs)
+    assert all((r.run_dir / "slurm.json").is_file() for r in result.runs)  # each was a job
 
 
 def test_closing_table_of_a_tiny_run_is_its_results_json(tmp_path):
