@@ -8,14 +8,17 @@ The evaluated items (images, questions, queries, perplexity windows) are resampl
 What it means: the sampling variation of the *evaluation items only*, i.e. how far the metric of this
 very model could move had another set of items of the same kind been drawn. It does not cover the
 variation across calibration seeds (another calibration draw prunes other weights), nor across training
-runs: those need reruns with other seeds.
+runs: those need reruns with other seeds, whose records (``config.seed``) the tables and sentences pool into
+a mean with its min–max over seeds (``records.points``).
 
 Reproducible: the resamples come from ``numpy.random.default_rng(seed)`` (default ``seed=0``); row ``b``
 of ``rng.integers(0, n, size=(n_boot, n))`` holds the item indices of resample ``b`` (drawn in blocks of
 rows, which gives the same numbers), so the same scores always give the same interval.
 
-Two results differ, in the sense this project's prose uses, only when their intervals do not overlap
-(:func:`intervals_overlap`, :func:`differs`). That test is conservative: two 95 % intervals that just
+Two results differ, in the sense this project's prose uses, only when the gap between them exceeds both
+noises (:func:`clear_difference`): their item intervals do not overlap (:func:`intervals_overlap`,
+:func:`differs`) *and* their ranges over seeds (min–max, two or more seeds each) do not overlap, i.e. every
+seed of the better one beats every seed of the other. That test is conservative: two 95 % intervals that just
 touch correspond to a difference significant at about the 0.6 % level for independent estimates, so
 overlapping intervals do not prove the methods equal, only that this evaluation cannot tell them apart.
 
@@ -42,7 +45,7 @@ _BLOCK_CELLS = 1 << 18  # index-matrix entries per block of resamples (2 MiB of 
 
 __all__ = ["N_BOOT", "LEVEL", "SEED", "MIN_ITEMS", "KEY", "resample_indices", "resample_ci", "bootstrap_ci",
            "ratio_bootstrap_ci", "perplexity_ci", "proportion_halfwidth", "interval_of", "intervals_overlap",
-           "differs", "format_interval"]
+           "differs", "clear_difference", "format_interval"]
 
 
 def _check(n_boot: int, level: float) -> None:
@@ -199,6 +202,21 @@ def differs(record_a: Mapping[str, Any], record_b: Mapping[str, Any], metric: st
     if a is None or b is None:
         return False
     return not intervals_overlap(a, b)
+
+
+def clear_difference(items_a: Sequence[float] | None, items_b: Sequence[float] | None,
+                     seeds_a: Sequence[float] | None, seeds_b: Sequence[float] | None) -> bool:
+    """Whether two points clearly differ: only when the gap exceeds both the item intervals and the spread over
+    seeds. ``items_*``: the 95 % item intervals ``(low, high)``; ``seeds_*``: ``(min, max, n)`` over the seeds.
+
+    True only when both item intervals are given and do not overlap, and both points come from two or more
+    seeds whose ranges do not overlap (every seed of one beats every seed of the other). A missing interval or a
+    single seed is not evidence of a difference: False ("no clear difference", ``report.compare``)."""
+    if items_a is None or items_b is None or seeds_a is None or seeds_b is None:
+        return False
+    if int(seeds_a[2]) < 2 or int(seeds_b[2]) < 2:
+        return False
+    return not intervals_overlap(items_a, items_b) and not intervals_overlap(seeds_a[:2], seeds_b[:2])
 
 
 def format_interval(value: float, interval: Sequence[float] | None, fmt: str = ".2f") -> str:

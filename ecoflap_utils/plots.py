@@ -11,6 +11,7 @@ import math
 import os
 import re
 import tempfile
+import textwrap
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -121,80 +122,127 @@ def _metric_column(df, metric: str) -> str:
 
 
 def metric_vs_sparsity(ax, df_or_records, metric: str, *, methods: Sequence[str] | None = None,
-                       label_map: Mapping[str, str] | None = None):
-    """Plot ``metric`` against sparsity, one line per pruning method (ECoFLaP Figures 2-4 style).
+                       label_map: Mapping[str, str] | None = None, rows: Sequence[str] | None = None):
+    """Plot ``metric`` against sparsity, one series per kind of model (ECoFLaP Figures 2-4 style).
 
     ``df_or_records`` is the frame of ``runs.collect_results`` or a list of result records in the house
-    schema (``{"model", "method", "sparsity", "task", "metrics": {...}}``). Rows with sparsity 0 are the
-    dense model: their mean is drawn as a star and starts every method's line that has no point of its own
-    at 0. Repeated (method, sparsity) rows (e.g. seeds) are averaged. ``methods`` picks and orders the
-    lines; ``label_map`` renames them in the legend.
+    schema (``{"model", "method", "sparsity", "task", "metrics": {...}}``). The points are those of the headline
+    tables (``records.points``), so a figure never averages different records into one point:
 
-    Where the records carry a 95 % interval for ``metric`` (``record["intervals"][metric]``, the frame's
-    ``intervals.<metric>`` column) each such point gets an error bar from low to high, in its line's colour
-    (repeated rows: the mean of their bounds); the intervals cover the sampling of the evaluation items.
+    * a series is one row label (``rows``; by default the record's label, so fine-tuned records,
+      ``"wanda · FT 30 steps"``, are their own series, drawn with open markers and dashes, and 07's intermediate
+      curve points are left out; preceded by the dataset where records name several, ``records.summary_rows``);
+      a method measured by several runs at one sparsity gets a series per run;
+    * a series with two or more sparsities is a line, one measured at a single sparsity a marker without line;
+    * records of one point from several seeds are drawn at their mean, with a translucent bar from their min to
+      their max over seeds (a ``LineCollection`` with gid ``"seeds:<series>"``);
+    * the dense model (method ``dense`` at sparsity 0) is a star; where one dense number is measured, it starts
+      every line; where runs measured different dense numbers, each is its own star (``"dense [run]"``) and no
+      line starts from one.
+
+    ``methods`` picks and orders the series (row labels); ``label_map`` renames them in the legend. Where the
+    records carry a 95 % interval for ``metric`` (``record["intervals"][metric]``, the frame's
+    ``intervals.<metric>`` column) each such point gets an error bar from low to high in its series' colour
+    (over several seeds: the mean of their bounds); the intervals cover the sampling of the evaluation items.
     """
-    from .records import interval_bounds
+    import pandas as pd
+
+    from .records import points, summary_rows
 
     df = _frame(df_or_records)
     if df.empty:
         raise UserError("no results to plot: run the grid first (or check the filter)")
     col = _metric_column(df, metric)
-    d = df[["method", "sparsity", col]].copy()
-    bounds = interval_bounds(df, col)
-    d["lo_"], d["hi_"] = bounds if bounds is not None else (np.nan, np.nan)
-    d["sparsity"] = d["sparsity"].astype(float)
-    d[col] = d[col].astype(float)
-    d = d.dropna(subset=["sparsity", col])
-    d["method"] = d["method"].fillna("dense").astype(str)
-    dense = d[d["sparsity"] == 0.0]
-    dense_value = float(dense[col].mean()) if len(dense) else None
-    found = [m for m in dict.fromkeys(d["method"]) if m.lower() not in DENSE_METHODS]
+    pts = points(df, col, column="sparsity", rows=rows or summary_rows(df),
+                 hint="give such records different methods, or seeds (config.seed) where they are seeds of one point")
+    if pts[["model", "task"]].drop_duplicates().shape[0] > 1:
+        raise UserError("these records hold several models or tasks: plot one at a time (filter the records on "
+                        "'model' and 'task')")
+    pts = pts.assign(x=pd.to_numeric(pts["at"], errors="coerce")).dropna(subset=["x"])
+    dense = pts[pts["dense"] & (pts["x"] == 0.0)]
+    found = [r for r in dict.fromkeys(pts["row"]) if r not in set(dense["row"])]
     if methods is not None:
         missing = [m for m in methods if m not in found]
         if missing:
             raise UserError(f"method(s) {', '.join(missing)} have no results: choose from {', '.join(found)}")
         found = list(methods)
     labels = dict(label_map or {})
-    free = [k for k in range(len(OKABE_ITO) - 1) if k not in {METHOD_STYLE.get(m) for m in found}]
-    bars = []  # (points with their mean value and bounds, colour): drawn after every line
-    for i, m in enumerate(found):
-        mine = d[d["method"] == m]
-        pts = mine.groupby("sparsity")[col].mean()
-        if dense_value is not None and 0.0 not in pts.index:
-            pts.loc[0.0] = dense_value
-        pts = pts.sort_index()
-        k = METHOD_STYLE[m] if m in METHOD_STYLE else (free.pop(0) if free else i % (len(OKABE_ITO) - 1))
-        ax.plot(pts.index.to_numpy(), pts.to_numpy(), marker=MARKERS[k % len(MARKERS)], color=OKABE_ITO[k],
-                label=labels.get(m, m))
-        bars.append((mine.groupby("sparsity")[[col, "lo_", "hi_"]].mean(), OKABE_ITO[k]))
-    if dense_value is not None:
-        ax.plot([0.0], [dense_value], linestyle="none", marker="*", markersize=12, color="black",
-                label=labels.get("dense", "dense"), zorder=5)
-        bars.append((dense[[col, "lo_", "hi_"]].mean().to_frame(name=0.0).T, "black"))
-    for pts, colour in bars:
-        _error_bars(ax, pts, col, colour)
-    xs = sorted(set(d["sparsity"]))
+    anchor = float(dense["value"].iloc[0]) if len(dense) == 1 else None
+    styles = _series_styles(pts, found)
+    bars = []  # (points of a series, colour): drawn after every line
+    for name in found:
+        mine = pts[pts["row"] == name].sort_values("x")
+        colour, marker, finetuned = styles[name]
+        x, y = mine["x"].tolist(), mine["value"].tolist()
+        line = len(x) >= 2
+        if line and anchor is not None and x[0] != 0.0:
+            x, y = [0.0] + x, [anchor] + y
+        ax.plot(x, y, marker=marker, color=colour, linestyle=("--" if finetuned else "-") if line else "none",
+                markerfacecolor="none" if finetuned else colour, label=labels.get(name, name))
+        bars.append((mine, colour))
+    for k, (_, d) in enumerate(dense.iterrows()):
+        ax.plot([0.0], [float(d["value"])], linestyle="none", marker="*" if k == 0 else MARKERS[k % len(MARKERS)],
+                markersize=12 if k == 0 else 8, color="black", label=labels.get(d["row"], d["row"]), zorder=5)
+        bars.append((dense.loc[[d.name]], "black"))
+    for mine, colour in bars:
+        _error_bars(ax, mine, colour)
+    for mine, colour in bars:
+        _seed_ranges(ax, mine, colour)
+    xs = sorted(set(pts["x"]))
     if 0 < len(xs) <= 12:
         ax.set_xticks(xs)
         ax.set_xticklabels([f"{x:g}" for x in xs])
     ax.set_xlabel("sparsity")
     ax.set_ylabel(metric)
-    if len(ax.get_legend_handles_labels()[0]) > 1:
-        ax.legend()
+    handles, names = ax.get_legend_handles_labels()
+    # long run names wrap in the legend
+    names = [textwrap.fill(n, 40, subsequent_indent="  ", break_long_words=False) for n in names]
+    if len(handles) > 4:  # outside the axes, so it never covers a point
+        ax.legend(handles, names, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    elif len(handles) > 1:
+        ax.legend(handles, names)
     return ax
 
 
-def _error_bars(ax, pts, col: str, colour: str) -> None:
-    """Vertical bars from ``lo_`` to ``hi_`` at the points of ``pts`` (index: sparsity) that have both bounds."""
-    have = pts.dropna(subset=[col, "lo_", "hi_"])
+def _series_styles(pts, names: Sequence[str]) -> dict[str, tuple[str, str, bool]]:
+    """(colour, marker, fine-tuned) per series: a known method keeps its colour in every figure (``METHOD_STYLE``),
+    other methods take the free colours; a method's second and later series (its fine-tuned records, other
+    runs) take the next markers."""
+    first = pts.drop_duplicates("row").set_index("row")
+    methods = [str(first.loc[n, "method"]) for n in names]
+    free = [k for k in range(len(OKABE_ITO) - 1) if k not in {METHOD_STYLE.get(m) for m in methods}]
+    base: dict[str, int] = {}
+    used: dict[str, int] = {}
+    out = {}
+    for i, (name, m) in enumerate(zip(names, methods)):
+        if m not in base:
+            base[m] = METHOD_STYLE[m] if m in METHOD_STYLE else (free.pop(0) if free else i % (len(OKABE_ITO) - 1))
+        k = base[m]
+        out[name] = (OKABE_ITO[k], MARKERS[(k + used.get(m, 0)) % len(MARKERS)], bool(first.loc[name, "finetuned"]))
+        used[m] = used.get(m, 0) + 1
+    return out
+
+
+def _error_bars(ax, pts, colour: str) -> None:
+    """Vertical bars from ``low`` to ``high`` (the item interval) at the points of ``pts`` that have both bounds."""
+    have = pts.dropna(subset=["value", "low", "high"])
     if have.empty:
         return
-    y = have[col].to_numpy(dtype=float)
-    below = np.clip(y - have["lo_"].to_numpy(dtype=float), 0.0, None)
-    above = np.clip(have["hi_"].to_numpy(dtype=float) - y, 0.0, None)
-    ax.errorbar(have.index.to_numpy(dtype=float), y, yerr=np.vstack([below, above]), fmt="none", ecolor=colour,
+    y = have["value"].to_numpy(dtype=float)
+    below = np.clip(y - have["low"].to_numpy(dtype=float), 0.0, None)
+    above = np.clip(have["high"].to_numpy(dtype=float) - y, 0.0, None)
+    ax.errorbar(have["x"].to_numpy(dtype=float), y, yerr=np.vstack([below, above]), fmt="none", ecolor=colour,
                 elinewidth=1.0, capsize=3, alpha=0.8, label="_nolegend_", zorder=4)
+
+
+def _seed_ranges(ax, pts, colour: str) -> None:
+    """A translucent bar from the min to the max over seeds at each point of ``pts`` measured with 2+ seeds."""
+    several = pts[pts["n_seeds"] > 1]
+    if several.empty:
+        return
+    ax.vlines(several["x"].to_numpy(dtype=float), several["seed_low"].to_numpy(dtype=float),
+              several["seed_high"].to_numpy(dtype=float), colors=colour, linewidth=6, alpha=0.3,
+              label="_nolegend_", zorder=3, gid=f"seeds:{several['row'].iloc[0]}")
 
 
 def _category_ticks(ax, names: Sequence[str], *, axis: str = "x") -> None:

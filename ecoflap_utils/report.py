@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any, Mapping, Sequence
 
+from .errors import UserError
+
 
 def summarize(rows: Sequence[Mapping[str, Any]], by: str = "stack") -> list[dict[str, Any]]:
     """Aggregate per-layer rows by ``stack``, ``block`` or ``modality`` (parameter-weighted sparsities)."""
@@ -49,13 +51,16 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | Non
 # ----------------------------------------------------------------------------- headline tables and sentences
 # A notebook's closing section shows its own numbers: the table is rendered from the records it wrote, and
 # every sentence about measured values is computed here from those records and names their model. The batch
-# runner's headline tables (``runs.headline_tables``) use the same code on its results frame.
+# runner's headline tables (``runs.headline_tables``) use the same code on its results frame. Cells and
+# sentences are ``records.points``: records of one point from several seeds read as their mean with min–max over
+# seeds, fine-tuned records are never pooled with one-shot ones, and two records that cannot be told apart are a
+# UserError rather than one of them kept.
 
 #: the metric a task's headline table shows (higher is better except those in ``LOWER_IS_BETTER``)
 MAIN_METRIC = {"zeroshot": "acc1", "retrieval": "mean_recall", "vqav2": "vqa_accuracy", "okvqa": "vqa_accuracy",
                "gqa": "vqa_accuracy", "caption": "cider", "perplexity": "perplexity", "score_agreement": "spearman"}
 LOWER_IS_BETTER = {"perplexity", "loss", "wall_s", "peak_delta_mb"}
-_NOT_METRICS = ("run", "model", "method", "sparsity", "task")
+_NOT_METRICS = ("run", "model", "method", "sparsity", "task", "label", "seed")
 
 
 def main_metric(task: Any, frame) -> str | None:
@@ -119,11 +124,9 @@ def _column(frame, key: str) -> str:
 
 
 def _label(v: Any) -> str:
-    if isinstance(v, bool) or v is None:
-        return str(v)
-    if isinstance(v, (int, float)):
-        return f"{float(v):g}"
-    return str(v)
+    from .records import value_label
+
+    return value_label(v)
 
 
 def _num(v: float) -> str:
@@ -138,49 +141,46 @@ def _groups(frame):
         yield model, task, frame[(frame["model"].astype(str) == model) & (frame["task"].astype(str) == task)]
 
 
-def _pivot(sub, metric: str | Sequence[str] | None, columns: str, rows: Sequence[str], label_runs: bool):
-    """One (model, task): {row label: {column label: (value, interval or None)}}, the column labels in order,
-    and the metric shown. ``columns="metric"`` makes one column per metric (``metric`` a list, or all)."""
+#: how a results frame's ``label`` (``records.annotate``) is headed in a table: it names the method and its kind
+_HEADINGS = {"label": "method"}
+_TABLE_HINT = ("tell them apart: give the records distinct methods, or distinct seeds (config.seed) where they are "
+               "seeds of one point, or name the setting that tells them apart in rows=, e.g. rows=('dataset', "
+               "'method') or ('label',)")
+
+
+def _pivot(sub, metric: str | Sequence[str] | None, columns: str, rows: Sequence[str]):
+    """One (model, task): {row label: {column label: point}} (a point: a row of ``records.points``, the mean over
+    seeds with their min and max and the item interval), the column labels in order, and the metric shown.
+    ``columns="metric"`` makes one column per metric (``metric`` a list, or all)."""
     import pandas as pd
 
+    from .records import points
+
     if columns == "metric":
-        metrics = [metric] if isinstance(metric, str) else list(metric or [m for m in _metric_columns(sub)
-                                                                               if pd.to_numeric(sub[m], errors="coerce").notna().any()])
-        col_of = None
+        numeric = [m for m in _metric_columns(sub) if pd.to_numeric(sub[m], errors="coerce").notna().any()]
+        metrics = [metric] if isinstance(metric, str) else list(metric or numeric)
+        found = [points(sub, m, column=None, rows=rows, hint=_TABLE_HINT) for m in metrics]
     else:
         metrics = [metric if isinstance(metric, str) else main_metric(sub["task"].iloc[0], sub)]
-        col_of = _column(sub, columns)
-    if metrics == [None]:
-        return {}, [], None
-    row_cols = [_column(sub, k) for k in rows]
-    # a method measured at the same point by several runs (different settings) gets one row per run
-    several: set = set()
-    if label_runs and "run" in sub.columns and col_of is not None:
-        counts = sub.groupby([sub[c].astype(str) for c in row_cols] + [sub[col_of].astype(str)])["run"].nunique()
-        several = {k[:-1] for k in counts[counts > 1].index}
-    table: dict[str, dict[str, tuple]] = {}
-    points: list = []
-    for r in sub.to_dict("records"):
-        key = tuple(str(r[c]) for c in row_cols)
-        label = " · ".join(key) + (f" [{r['run']}]" if key in several else "")
-        for m in metrics:
-            value = pd.to_numeric(pd.Series([r.get(m)]), errors="coerce").iloc[0]
-            at = m if col_of is None else r.get(col_of)
-            if pd.isna(value) or (col_of is not None and (at is None or (isinstance(at, float) and pd.isna(at)))):
-                continue
-            col = _label(at)
-            cell = table.setdefault(label, {})
-            if col in cell and not label_runs:  # the batch runner's table keeps the last, as it always did
-                raise ValueError(f"two records of {label!r} at {columns} {col}: name the setting that tells them "
-                                 f"apart in rows=, e.g. rows=('dataset', 'method') or ('method', 'sparsity')")
-            cell[col] = (float(value), _interval(r.get(f"intervals.{m}")))
-            points.append(at)
-    if col_of is None:
+        if metrics == [None]:
+            return {}, [], None
+        _column(sub, columns)
+        found = [points(sub, metrics[0], column=columns, rows=rows, hint=_TABLE_HINT)]
+    pts = pd.concat([f for f in found if not f.empty]) if any(not f.empty for f in found) else found[0]
+    table: dict[str, dict[str, dict]] = {}
+    for p in pts.to_dict("records"):
+        table.setdefault(p["row"], {})[p["column"]] = p
+    if columns == "metric":
         cols = [m for m in metrics if any(m in c for c in table.values())]
     else:
-        order = sorted(set(points), key=lambda v: (0, float(v)) if isinstance(v, (int, float)) else (1, str(v)))
-        cols = list(dict.fromkeys(_label(v) for v in order))
-    return table, cols, metrics[0] if col_of is not None else None
+        cols = list(dict.fromkeys(pts.sort_values("at", key=lambda s: s.map(
+            lambda v: (0, float(v), "") if isinstance(v, (int, float)) else (1, 0.0, str(v))))["column"]))
+    return table, cols, metrics[0] if columns != "metric" else None
+
+
+def _iv(p: Mapping[str, Any]) -> tuple[float, float] | None:
+    """A point's item interval, None where it has none."""
+    return None if p["low"] != p["low"] or p["high"] != p["high"] else (p["low"], p["high"])
 
 
 def headline_table(records: Sequence[Mapping[str, Any]], metric: str | Sequence[str] | None = None, *,
@@ -188,28 +188,37 @@ def headline_table(records: Sequence[Mapping[str, Any]], metric: str | Sequence[
     """The headline table of a notebook's records as a DataFrame: the main metric (``MAIN_METRIC`` of the task:
     acc1 for zero-shot, vqa_accuracy for VQA, cider, perplexity, spearman; or ``metric``), one row per method
     and one column per sparsity (or per ``columns``, a record field or config entry such as ``samples``;
-    ``columns="metric"``: one column per metric). Where records carry 95 % intervals
-    (``record["intervals"][metric] == [low, high]``) a column ``c`` with any is followed by ``c low``, ``c high``.
-    Records of several models or tasks get ``model``, ``task`` and ``metric`` index levels."""
+    ``columns="metric"``: one column per metric). ``rows=("label",)`` keeps fine-tuned records apart from
+    one-shot ones (``records.annotate``); intermediate curve points (``config.final`` False) are left out.
+    Where records carry 95 % intervals (``record["intervals"][metric] == [low, high]``) a column ``c`` with any
+    is followed by ``c low``, ``c high``. Records of one point from several seeds (``config.seed``) give their
+    mean, followed by ``c seed min``, ``c seed max``, ``c seeds`` (how many); two records of one point and seed
+    are a UserError (``records.points``). Records of several models or tasks get ``model``, ``task`` and
+    ``metric`` index levels."""
     import pandas as pd
 
     frame = _frame(records)
     out = []
     for model, task, sub in _groups(frame):
-        table, cols, shown = _pivot(sub, metric, columns, rows, label_runs=False)
-        with_iv = {c for cells in table.values() for c, (_, iv) in cells.items() if iv is not None}
+        table, cols, shown = _pivot(sub, metric, columns, rows)
+        with_iv = {c for cells in table.values() for c, p in cells.items() if _iv(p) is not None}
+        with_seeds = {c for cells in table.values() for c, p in cells.items() if p["n_seeds"] > 1}
         for label, cells in table.items():
             row = {"model": model, "task": task, "metric": shown or "", "row": label}
             for c in cols:
-                value, iv = cells.get(c, (float("nan"), None))
-                row[c] = value
+                p = cells.get(c)
+                row[c] = p["value"] if p else float("nan")
                 if c in with_iv:
-                    row[f"{c} low"], row[f"{c} high"] = iv if iv else (float("nan"), float("nan"))
+                    row[f"{c} low"], row[f"{c} high"] = (_iv(p) if p and _iv(p) else (float("nan"), float("nan")))
+                if c in with_seeds:
+                    row[f"{c} seed min"], row[f"{c} seed max"] = (p["seed_low"], p["seed_high"]) if p else (
+                        float("nan"), float("nan"))
+                    row[f"{c} seeds"] = p["n_seeds"] if p else 0
             out.append(row)
     df = pd.DataFrame(out)
     if df.empty:
         return df
-    name = " · ".join(rows)
+    name = " · ".join(_HEADINGS.get(k, k) for k in rows)
     single = df[["model", "task", "metric"]].drop_duplicates().shape[0] == 1
     if single:
         df.attrs.update(model=df["model"].iloc[0], task=df["task"].iloc[0], metric=df["metric"].iloc[0])
@@ -220,30 +229,44 @@ def headline_table(records: Sequence[Mapping[str, Any]], metric: str | Sequence[
     return df
 
 
-def _cell(value: float, iv: tuple[float, float] | None, floatfmt: str) -> str:
-    text = format(value, floatfmt)
-    return f"{text} [{format(iv[0], floatfmt)}, {format(iv[1], floatfmt)}]" if iv else text
+def _cell(p: Mapping[str, Any], floatfmt: str) -> str:
+    """A table cell: ``value``, ``mean (min–max over n seeds)``, then `` [low, high]`` where there is an interval."""
+    f = lambda v: format(v, floatfmt)
+    text = f(p["value"])
+    if p["n_seeds"] > 1:
+        text += f" ({f(p['seed_low'])}–{f(p['seed_high'])} over {p['n_seeds']} seeds)"
+    iv = _iv(p)
+    return f"{text} [{f(iv[0])}, {f(iv[1])}]" if iv else text
+
+
+#: under a table with a cell over several seeds
+SEEDS_NOTE = ("A cell over several seeds reads: mean (min–max over the seeds) [95 % interval over the evaluation "
+              "items, the mean of the seeds' bounds].")
 
 
 def headline_markdown(source, metric: str | Sequence[str] | None = None, *, columns: str = "sparsity",
                       rows: Sequence[str] = ("method",), floatfmt: str = ".2f", min_columns: int = 1) -> str:
     """The headline tables in Markdown, one per (model, task) under a ``### model · task · metric by sparsity``
-    heading; a cell with an interval reads ``value [low, high]``. ``source``: result records, or a results
+    heading; a cell with an interval reads ``value [low, high]``, one over several seeds ``mean (min–max over
+    n seeds) [low, high]`` (:data:`SEEDS_NOTE` under the table). ``source``: result records, or a results
     frame with a ``run`` column (``runs.collect_results``; a method measured at the same sparsity by several runs
-    then gets one row per run). Tables with fewer than ``min_columns`` columns are left out."""
+    then gets one row per run). Rows and cells as :func:`headline_table`. Tables with fewer than ``min_columns``
+    columns are left out."""
     frame = _frame(source) if isinstance(source, (list, tuple)) else source
     if frame.empty:
         return "(no records)"
     parts = []
     for model, task, sub in _groups(frame):
-        table, cols, shown = _pivot(sub, metric, columns, rows, label_runs=True)
+        table, cols, shown = _pivot(sub, metric, columns, rows)
         if not table or len(cols) < min_columns:
             continue
-        first = " · ".join(rows)
-        body = [{first: label, **{c: _cell(*cells[c], floatfmt) for c in cols if c in cells}}
+        first = " · ".join(_HEADINGS.get(k, k) for k in rows)
+        body = [{first: label, **{c: _cell(cells[c], floatfmt) for c in cols if c in cells}}
                 for label, cells in table.items()]
         title = f"{shown} by {columns}" if shown else "by metric"
-        parts.append(f"### {model} · {task} · {title}\n\n" + format_table(body, [first, *cols]))
+        pooled = any(p["n_seeds"] > 1 for cells in table.values() for p in cells.values())
+        parts.append(f"### {model} · {task} · {title}\n\n" + format_table(body, [first, *cols])
+                     + (f"\n\n{SEEDS_NOTE}" if pooled else ""))
     return "\n\n".join(parts)
 
 
@@ -294,29 +317,59 @@ def _same(a: Any, b: Any) -> bool:
     return a == b
 
 
-def _find(records, method: str, by: str, at: Any, metric: str):
+_COMPARE_HINT = "pass where= to pick one (e.g. where={'dataset': ...} or where={'steps': 30})"
+
+
+def _find(records, method: str, by: str, at: Any, metric: str) -> dict[str, Any] | None:
+    """The point of ``method`` at ``by == at`` (any, for None) on ``metric``: one record as it is, or the records of
+    several seeds pooled (``records.points``: mean, min and max over seeds, the mean item interval); None where
+    there is none. Records of different kinds (fine-tuned and not) or two of one seed are a UserError."""
+    from .records import points
+
     hits = [r for r in records if r.get("method") == method and metric in (r.get("metrics") or {})
             and (at is None or _same(_at(r, by), at))]
-    if len(hits) > 1:
-        raise ValueError(f"{len(hits)} records of {method!r} at {by} {at}: pass where= to pick one "
-                         f"(e.g. where={{'dataset': ...}})")
-    return hits[0] if hits else None
+    if not hits:
+        return None
+    pts = points(_frame(hits), metric, column=by, rows=("method",), headline=False, hint=_COMPARE_HINT)
+    if len(pts) > 1:
+        raise UserError(f"{len(hits)} records of {method!r} at {by} {', '.join(pts['column'])}: {_COMPARE_HINT}")
+    return pts.iloc[0].to_dict() if len(pts) else None
 
 
-def _value(r: Mapping[str, Any], metric: str) -> tuple[float, tuple[float, float] | None]:
-    return float(r["metrics"][metric]), _interval((r.get("intervals") or {}).get(metric))
+def _spread(p: Mapping[str, Any]) -> str:
+    return f" ({_num(p['seed_low'])}–{_num(p['seed_high'])} over {p['n_seeds']} seeds)" if p["n_seeds"] > 1 else ""
+
+
+def _shown_point(p: Mapping[str, Any]) -> str:
+    """A point as prose shows it: ``92.2 [90, 94]``, over seeds ``92.2 (90–94 over 3 seeds) [88, 96]``."""
+    iv = _iv(p)
+    return _num(p["value"]) + _spread(p) + (f" [{_num(iv[0])}, {_num(iv[1])}]" if iv else "")
 
 
 def _shown(value: float, iv) -> str:
     return _num(value) + (f" [{_num(iv[0])}, {_num(iv[1])}]" if iv else "")
 
 
-def _noise(ia, ib, a: str, b: str) -> str:
-    if ia is None or ib is None:
-        return "No intervals were recorded, so noise is not assessed."
-    if ia[0] <= ib[1] and ib[0] <= ia[1]:
-        return f"{a} and {b} are within noise of each other: their 95 % intervals overlap."
-    return f"{a} and {b} differ: their 95 % intervals do not overlap."
+def _verdict(a: str, b: str, pa: Mapping[str, Any], pb: Mapping[str, Any]) -> str:
+    """The closing clause of :func:`compare`: "differ" only when the gap exceeds both the item intervals and the
+    spread over seeds (``intervals.clear_difference``), else "no clear difference" and why."""
+    from .intervals import clear_difference, intervals_overlap
+
+    ia, ib = _iv(pa), _iv(pb)
+    sa, sb = (pa["seed_low"], pa["seed_high"], pa["n_seeds"]), (pb["seed_low"], pb["seed_high"], pb["n_seeds"])
+    seeds = f"{sa[2]} and {sb[2]} seeds"
+    if clear_difference(ia, ib, sa, sb):
+        return (f"{a} and {b} differ: neither their 95 % item intervals nor their ranges over seeds ({seeds}) "
+                f"overlap.")
+    why = ["no item intervals were recorded" if ia is None or ib is None else
+           f"their 95 % item intervals {'overlap' if intervals_overlap(ia, ib) else 'do not overlap'}"]
+    if sa[2] < 2 or sb[2] < 2:
+        one = "each" if sa[2] < 2 and sb[2] < 2 else f"for {a if sa[2] < 2 else b}"
+        why.append(f"the spread over seeds is not measured (one seed {one})")
+    else:
+        apart = not intervals_overlap(sa[:2], sb[:2])
+        why.append(f"their ranges over seeds ({seeds}) {'do not overlap' if apart else 'overlap'}")
+    return f"No clear difference between {a} and {b}: {'; '.join(why)}."
 
 
 def _group_records(records, where):
@@ -337,9 +390,13 @@ def compare(records: Sequence[Mapping[str, Any]], a: str, b: str, sparsity: floa
     """A sentence comparing method ``a`` with method ``b`` at one sparsity (or at ``by == at``, a record field or
     config entry such as ``samples``), on the main metric of each model and task in ``records`` (or ``metric``),
     naming the model. With a ``baseline`` (dense) record it says how many of the points ``b`` loses ``a`` keeps.
-    With 95 % intervals on both records it says "differ" only when they do not overlap, else "within noise".
-    A missing record gives a sentence that says so. ``where`` keeps records whose field or config entry matches
-    (``{"dataset": "cifar10"}``)."""
+    Records of one method and point from several seeds (``config.seed``) count as one point: their mean, shown
+    with its min–max over seeds and the mean item interval (``records.points``); fine-tuned and one-shot records
+    are never pooled (pick one kind with ``where={"steps": 30}`` or ``where={"finetuned": False}``).
+    It says "differ" only when the gap exceeds both noises: the 95 % item intervals do not overlap and the
+    ranges over seeds (two or more seeds each) do not overlap (``intervals.clear_difference``); otherwise "No
+    clear difference" and why (overlap, or no intervals, or one seed). A missing record gives a sentence that
+    says so. ``where`` keeps records whose field or config entry matches (``{"dataset": "cifar10"}``)."""
     at = sparsity if by == "sparsity" and at is None else at
     sentences = []
     for model, task, group in _group_records(records, where):
@@ -350,18 +407,18 @@ def compare(records: Sequence[Mapping[str, Any]], a: str, b: str, sparsity: floa
             sentences.append(f"{head}): no numeric metric to compare.")
             continue
         point = f"{by} {_label(at)}"
-        ra, rb = _find(group, a, by, at, m), _find(group, b, by, at, m)
-        missing = [x for x, r in ((a, ra), (b, rb)) if r is None]
+        pa, pb = _find(group, a, by, at, m), _find(group, b, by, at, m)
+        missing = [x for x, p in ((a, pa), (b, pb)) if p is None]
         if missing:
             sentences.append(f"{head}): no {' and no '.join(repr(x) for x in missing)} record with {m} at {point}, "
                              f"so {a} and {b} are not compared there.")
             continue
         higher = m not in LOWER_IS_BETTER
-        (va, ia), (vb, ib) = _value(ra, m), _value(rb, m)
-        rd = _find(group, baseline, by, None, m) if by == "sparsity" else None
-        vd = _value(rd, m)[0] if rd is not None else None
-        text = (f"{head}, {m}, {'higher' if higher else 'lower'} is better) at {point}: {a} {_shown(va, ia)}, "
-                f"{b} {_shown(vb, ib)}" + (f", {baseline} {_num(vd)}" if vd is not None else "") + ". ")
+        va, vb = pa["value"], pb["value"]
+        pd_ = _find(group, baseline, by, None, m) if by == "sparsity" else None
+        vd = pd_["value"] if pd_ is not None else None
+        text = (f"{head}, {m}, {'higher' if higher else 'lower'} is better) at {point}: {a} {_shown_point(pa)}, "
+                f"{b} {_shown_point(pb)}" + (f", {baseline} {_num(vd)}" if vd is not None else "") + ". ")
         gap = (va - vb) if higher else (vb - va)  # > 0: a is better
         versus = f"{a} scores the same as {b}" if gap == 0 else f"{a} is {_num(abs(gap))} {'better' if gap > 0 else 'worse'}"
         if vd is not None:
@@ -376,7 +433,7 @@ def compare(records: Sequence[Mapping[str, Any]], a: str, b: str, sparsity: floa
                 text += f"{a} loses {_num(-gap)} points more than {b}, which loses {_num(lost)}. "
         else:
             text += f"{versus}{'' if gap == 0 else f' than {b}'}. "
-        sentences.append(text + _noise(ia, ib, a, b))
+        sentences.append(text + _verdict(a, b, pa, pb))
     return "\n".join(sentences) if sentences else "No records to compare."
 
 
@@ -384,7 +441,10 @@ def trend(records: Sequence[Mapping[str, Any]], method: str, *, metric: str | No
           where: Mapping[str, Any] | None = None) -> str:
     """A sentence listing ``method``'s main metric (or ``metric``) at each value of ``by`` (sparsity, or a config
     entry such as ``samples``), naming the model: "On mini-clip (score_agreement), zeroth's spearman: 0.85 at
-    samples 8, 0.27 at samples 16."; intervals are shown where recorded."""
+    samples 8, 0.27 at samples 16."; intervals are shown where recorded, several seeds as their mean and range
+    (``records.points``)."""
+    from .records import points
+
     sentences = []
     for model, task, group in _group_records(records, where):
         m = _metric_for(task, group, metric)
@@ -392,8 +452,8 @@ def trend(records: Sequence[Mapping[str, Any]], method: str, *, metric: str | No
         if not hits:
             sentences.append(f"On {model} ({task}): no {method!r} record with {m}.")
             continue
-        hits.sort(key=lambda r: (float(_at(r, by)) if isinstance(_at(r, by), (int, float)) else 0.0))
-        values = ", ".join(f"{_shown(*_value(r, m))} at {by} {_label(_at(r, by))}" for r in hits)
+        pts = points(_frame(hits), m, column=by, rows=("method",), headline=False, hint=_COMPARE_HINT)
+        values = ", ".join(f"{_shown_point(p)} at {by} {p['column']}" for p in pts.to_dict("records"))
         sentences.append(f"On {model} ({task}), {method}'s {m}: {values}.")
     return "\n".join(sentences) if sentences else "No records."
 

@@ -754,15 +754,24 @@ def report_text(result: GridResult) -> str:
 
 
 # -------------------------------------------------------------------------------------------- results
+# What the summary shows, and why it is true: every table cell and figure point is a ``records.points`` point.
+# Records are told apart by the fields that say what they are (``records.annotate``): a fine-tuned model is its
+# own row and series (``wanda · FT 30 steps``), never a one-shot point; 07's intermediate curve points stay in
+# results.csv and the list of all records only; records of one point from several seeds are their mean with
+# min–max over seeds; the dense model is one row unless runs measured different dense numbers.
 
 def metric_columns(df) -> list[str]:
-    """The metric columns of a results frame (everything but run/core/resources/config/intervals columns)."""
+    """The metric columns of a results frame (everything but run/core/label/seed/resources/config/intervals
+    columns)."""
     return [c for c in df.columns if is_metric_column(c)]
 
 
 def collect_results(out_dir: str | os.PathLike = "runs"):
     """Every complete run's ``results.json`` under ``out_dir`` as one DataFrame (see :func:`records_frame`),
-    with a ``run`` column (the run folder), sorted by model, task, method, sparsity."""
+    with a ``run`` column (the run folder), ``label`` and ``seed`` (what each record is, ``records.annotate``),
+    sorted by model, task, method, sparsity."""
+    from .records import annotate
+
     out = Path(out_dir)
     if not out.is_dir():
         raise UserError(f"{out} is not a folder of runs: run a grid into it first")
@@ -779,8 +788,8 @@ def collect_results(out_dir: str | os.PathLike = "runs"):
         for rec in check_results(body, path):
             records.append(rec)
             names.append(d.relative_to(out).as_posix())
-    df = records_frame(records, runs=names)
-    cols = ["run", *CORE_COLUMNS]
+    df = annotate(records_frame(records, runs=names))
+    cols = ["run", *CORE_COLUMNS, "label", "seed"]
     df = df[cols + [c for c in df.columns if c not in cols]]
     return sort_results(df)
 
@@ -795,15 +804,20 @@ def sort_results(df):
 
 
 def results_markdown(df, *, floatfmt: str = ".4f") -> str:
-    """Markdown table: model, task, method, sparsity, then the metric columns; a value with a 95 % interval
-    (the record's ``"intervals"``) reads ``value [low, high]``."""
+    """Markdown table: model, task, method, then ``label`` where some record's label is not its method (a
+    fine-tuned record, a curve point: ``records.annotate``), sparsity, ``seed`` where records carry one, then the
+    metric columns; a value with a 95 % interval (the record's ``"intervals"``) reads ``value [low, high]``."""
     from .intervals import format_interval
+    from .records import annotate
     from .report import format_table
 
     if df.empty:
         return "(no complete runs)"
+    df = annotate(df)
     metrics = metric_columns(df)
-    cols = ["model", "task", "method", "sparsity", *metrics]
+    kinds = ["label"] if (df["label"].astype(str) != df["method"].astype(str)).any() else []
+    seeds = ["seed"] if df["seed"].notna().any() else []
+    cols = ["model", "task", "method", *kinds, "sparsity", *seeds, *metrics]
     bounds = {c: b for c in metrics if (b := interval_bounds(df, c)) is not None}
     rows = []
     for i, rec in zip(df.index, df[cols].to_dict("records")):
@@ -816,65 +830,119 @@ def results_markdown(df, *, floatfmt: str = ".4f") -> str:
     return format_table(rows, cols, floatfmt=floatfmt)
 
 
+def _summary_groups(df):
+    """(model, task, its frame, the row fields of its table and figures: ``records.summary_rows``) for each model
+    and task whose records span two or more sparsities (the others, e.g. notebook 02's scores at sparsity 0 by
+    sample count, have no table by sparsity to show)."""
+    import pandas as pd
+
+    from .records import summary_rows
+
+    keys = [df["model"].fillna("model").astype(str), df["task"].fillna("task").astype(str)]
+    for (model, task), sub in df.groupby(keys, sort=False):
+        if pd.to_numeric(sub["sparsity"], errors="coerce").nunique() >= 2:
+            yield model, task, sub, summary_rows(sub)
+
+
 def headline_tables(df, *, floatfmt: str = ".2f") -> str:
-    """For each (model, task) whose records span several sparsities: its main metric with one row per method
-    (and run, where several runs measure a method at the same sparsity) and one column per sparsity, dense in
-    column 0 (``report.headline_markdown``, which the notebooks' closing tables use too)."""
+    """For each (model, task) whose records span several sparsities: its main metric with one row per kind of
+    model (the method; ``wanda · FT 30 steps`` for a fine-tuned one; a row per run where several runs measure it
+    at one sparsity; one dense row unless runs measured different dense numbers) and one column per sparsity,
+    dense in column 0; several seeds read as their mean (min–max over seeds) [item interval]
+    (``report.headline_markdown``, which the notebooks' closing tables use too)."""
+    from .records import annotate
     from .report import headline_markdown
 
     if df.empty:
         return "(no complete runs)"
-    return headline_markdown(df, floatfmt=floatfmt, min_columns=2) or "(no run spans several sparsities)"
+    df = annotate(df)
+    parts = [headline_markdown(sub, floatfmt=floatfmt, min_columns=2, rows=rows)
+             for _, _, sub, rows in _summary_groups(df)]
+    return "\n\n".join(p for p in parts if p) or "(no run spans several sparsities)"
 
 
 def write_summary(out_dir: str | os.PathLike, df=None) -> tuple[list[Path], list[Path], str]:
-    """Write ``results.csv``, ``results.md`` (headline tables, then every record) and
-    ``figures/<model>_<task>_<metric>.png`` (metric against sparsity, one line per method) in ``out_dir``,
-    atomically. Returns (files, figures, the headline tables in Markdown)."""
+    """Write ``results.csv`` (every record, with its ``label`` and ``seed``), ``results.md`` (headline tables, then
+    every record) and ``figures/<model>_<task>_<metric>.png`` (:func:`summary_figure`) in ``out_dir``,
+    atomically. Returns (files, figures, the headline tables in Markdown). Records that cannot be told apart
+    or compared (``records.points``) are a UserError, before anything is written."""
+    from .records import annotate
+
     out = Path(out_dir)
     if df is None:
         df = collect_results(out)
+    df = annotate(df)
     headline = headline_tables(df)
+    figures = _summary_figures(df)
     write_text_atomic(out / "results.csv", df.to_csv(index=False))
     write_text_atomic(out / "results.md", "## Headline\n\n" + headline + "\n\n## All records\n\n"
                       + results_markdown(df) + "\n")
-    return [out / "results.csv", out / "results.md"], summary_figures(out, df), headline
+    return [out / "results.csv", out / "results.md"], _save_figures(out, figures), headline
 
 
-def summary_figures(out_dir: str | os.PathLike, df) -> list[Path]:
-    """One PNG per (model, task, numeric metric) whose records span several sparsities: the metric against
-    sparsity, one line per method measured at two or more sparsities (single-point ablations are left to
-    the table, where they read better), the dense model as a star; perplexity on a log scale. Where the
-    records carry 95 % intervals the points get error bars (``plots.metric_vs_sparsity``)."""
-    import matplotlib as mpl
-    from matplotlib.figure import Figure
+def summary_figure(df, model: str, task: str, metric: str, *, rows: Sequence[str] | None = None):
+    """The summary figure of one (model, task, metric) as a matplotlib ``Figure``, or None where its records do
+    not span two sparsities or hold no pruned model (``rows``: the series' fields, by default
+    ``records.summary_rows``): the metric against sparsity, one series per kind of model,
+    a single-sparsity series as a marker, seeds as their mean with a bar over their range, the dense model as a
+    star, 95 % item intervals as error bars (``plots.metric_vs_sparsity``); perplexity on a log scale."""
     import pandas as pd
+    from matplotlib.figure import Figure
+
+    from . import plots
+    from .records import annotate, points, summary_rows
+
+    df = annotate(df)
+    sub = df[(df["model"].astype(str) == model) & (df["task"].astype(str) == task)]
+    if (metric not in sub.columns or sub[metric].map(lambda v: isinstance(v, bool)).any()
+            or pd.to_numeric(sub["sparsity"], errors="coerce").nunique() < 2):
+        return None
+    values = pd.to_numeric(sub[metric], errors="coerce")
+    if values.isna().all():
+        return None
+    sub = sub.assign(**{metric: values})
+    rows = rows or summary_rows(sub)
+    pts = points(sub, metric, column="sparsity", rows=rows)
+    x = pd.to_numeric(pts["at"], errors="coerce")
+    if x.nunique() < 2 or pts["dense"].all():
+        return None
+    fig = Figure(figsize=(5.5 + (2.5 if pts["row"].nunique() > 4 else 0.0), 3.8))  # room for the legend
+    ax = fig.add_subplot()
+    plots.metric_vs_sparsity(ax, sub, metric, rows=rows)
+    if metric == "perplexity":
+        ax.set_yscale("log")
+    ax.set_title(f"{model} · {task}")
+    return fig
+
+
+def _summary_figures(df) -> list[tuple[str, Any]]:
+    """(file stem, Figure) for each (model, task, numeric metric) that has a summary figure."""
+    import matplotlib as mpl
 
     from . import plots
 
-    paths: list[Path] = []
+    figures = []
     if df.empty:
-        return paths
+        return figures
     with mpl.rc_context():
         plots.set_style()
-        for (model, task), sub in df.groupby([df["model"].fillna("model").astype(str),
-                                              df["task"].fillna("task").astype(str)], sort=True):
-            sp = pd.to_numeric(sub["sparsity"], errors="coerce")
-            if sp.nunique() < 2:
-                continue
+        for model, task, sub, rows in _summary_groups(df):
             for metric in metric_columns(sub):
-                values = pd.to_numeric(sub[metric], errors="coerce")
-                if values.isna().all() or sub[metric].map(lambda v: isinstance(v, bool)).any():
-                    continue
-                have = sub.assign(sp_=sp, v_=values).dropna(subset=["sp_", "v_"])
-                curves = [m for m, g in have[have["sp_"] > 0].groupby("method", sort=False) if g["sp_"].nunique() >= 2]
-                if not curves:
-                    continue
-                fig = Figure(figsize=(5.5, 3.8))
-                ax = fig.add_subplot()
-                plots.metric_vs_sparsity(ax, sub.assign(**{metric: values}), metric, methods=curves)
-                if metric == "perplexity":
-                    ax.set_yscale("log")
-                ax.set_title(f"{model} · {task}")
-                paths.append(plots.save(fig, out_dir, f"{model}_{task}_{metric}"))
-    return paths
+                fig = summary_figure(sub, model, task, metric, rows=rows)
+                if fig is not None:
+                    figures.append((f"{model}_{task}_{metric}", fig))
+    return figures
+
+
+def _save_figures(out_dir: Path, figures) -> list[Path]:
+    from . import plots
+
+    return [plots.save(fig, out_dir, stem) for stem, fig in figures]
+
+
+def summary_figures(out_dir: str | os.PathLike, df) -> list[Path]:
+    """Write every summary figure (:func:`summary_figure`) to ``out_dir/figures/<model>_<task>_<metric>.png``;
+    returns their paths."""
+    from .records import annotate
+
+    return _save_figures(Path(out_dir), _summary_figures(annotate(df)) if not df.empty else [])

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from ecoflap_utils import report
+from ecoflap_utils.errors import UserError
 from ecoflap_utils.report import compare, describe, headline_markdown, headline_table, save_headline, trend
 
 
@@ -25,21 +26,24 @@ def test_compare_says_how_much_of_the_loss_is_kept_and_names_the_model():
     assert s.startswith("On mini-clip (zeroshot, acc1, higher is better) at sparsity 0.7:")
     assert "ecoflap-zeroth 92.2, wanda 82.4, dense 97.6." in s
     assert "ecoflap-zeroth keeps 9.8 of the 15.2 points wanda loses." in s
-    assert "not assessed" in s and "differ" not in s and "within noise" not in s
+    assert s.endswith("No clear difference between ecoflap-zeroth and wanda: no item intervals were recorded; "
+                      "the spread over seeds is not measured (one seed each).")
 
 
-def test_compare_differs_only_when_intervals_do_not_overlap():
+def test_compare_at_one_seed_never_claims_a_difference():
+    """Item intervals apart are not enough: with one seed the spread over seeds is unknown (issue 18)."""
     apart = [rec("dense", 0.0, 97.6), rec("wanda", 0.7, 82.4, interval=(80.0, 85.0)),
              rec("ecoflap-zeroth", 0.7, 92.2, interval=(90.0, 94.0))]
     s = compare(apart, a="ecoflap-zeroth", b="wanda", sparsity=0.7)
     assert "ecoflap-zeroth 92.2 [90, 94], wanda 82.4 [80, 85]" in s
-    assert "ecoflap-zeroth and wanda differ: their 95 % intervals do not overlap." in s
+    assert s.endswith("No clear difference between ecoflap-zeroth and wanda: their 95 % item intervals do not "
+                      "overlap; the spread over seeds is not measured (one seed each).")
     overlap = [rec("dense", 0.0, 97.6), rec("wanda", 0.7, 82.4, interval=(78.0, 88.0)),
                rec("ecoflap-zeroth", 0.7, 85.0, interval=(80.0, 90.0))]
     s = compare(overlap, a="ecoflap-zeroth", b="wanda", sparsity=0.7)
-    assert "within noise" in s and "differ" not in s
+    assert "their 95 % item intervals overlap;" in s and " differ:" not in s
     one_sided = [rec("wanda", 0.7, 82.4, interval=(80.0, 85.0)), rec("ecoflap-zeroth", 0.7, 92.2)]
-    assert "not assessed" in compare(one_sided, a="ecoflap-zeroth", b="wanda", sparsity=0.7)
+    assert "no item intervals were recorded" in compare(one_sided, a="ecoflap-zeroth", b="wanda", sparsity=0.7)
 
 
 def test_compare_with_a_missing_method_or_sparsity_says_so():
@@ -65,7 +69,7 @@ def test_compare_lower_is_better_worse_and_no_loss_cases():
     assert "ecoflap-zeroth keeps all 0.2 points wanda loses and ends 0.2 better than dense." in compare(
         SWEEP, a="ecoflap-zeroth", b="wanda", sparsity=0.5)
     tie = [rec("wanda", 0.5, 97.7), rec("ecoflap-zeroth", 0.5, 97.7)]
-    assert "ecoflap-zeroth scores the same as wanda. No intervals" in compare(tie, a="ecoflap-zeroth", b="wanda",
+    assert "ecoflap-zeroth scores the same as wanda. No clear difference" in compare(tie, a="ecoflap-zeroth", b="wanda",
                                                                                sparsity=0.5)
     better_than_dense = [rec("dense", 0.0, 90.0), rec("wanda", 0.5, 80.0), rec("x", 0.5, 95.0)]
     assert "x keeps all 10 points wanda loses and ends 5 better than dense." in compare(
@@ -144,7 +148,11 @@ def test_headline_markdown_of_a_results_frame_labels_runs_that_measure_the_same_
         {"run": "c", "model": "m", "method": "only-one", "sparsity": 0.0, "task": "u", "acc": 0.3}])
     md = headline_markdown(frame, min_columns=2)
     same_run = pd.concat([frame, frame.iloc[[3]].assign(acc=0.2)])  # one run, one method, one point, twice
-    assert "| wanda [b] |      | 0.40 | 0.20 |" in headline_markdown(same_run, min_columns=2)  # the last, as before
+    with pytest.raises(UserError, match=r"wanda \[b\] at sparsity 0.6 \(run b\): 2 different records, not all "
+                                        r"with config.seed"):
+        headline_markdown(same_run, min_columns=2)  # not "keep the last": that hid what was measured (issue 18)
+    assert "| wanda [b] |      | 0.40 | 0.30 |" in headline_markdown(pd.concat([frame, frame.iloc[[3]]]),
+                                                                     min_columns=2)  # a repeat counts once
     assert "### m · u" not in md  # a single sparsity: left out of the batch runner's headline
     rows = [[c.strip() for c in ln.strip("|").split("|")] for ln in md.splitlines() if ln.startswith("|")]
     assert rows[0] == ["method", "0", "0.5", "0.6"]
@@ -159,3 +167,116 @@ def test_save_headline_writes_what_the_notebook_prints(tmp_path):
     csv = pd.read_csv(tmp_path / "headline.csv", index_col=0)
     assert csv.loc["ecoflap-zeroth", "0.7"] == 92.2
     assert report.MAIN_METRIC["zeroshot"] == "acc1"
+
+
+# ----------------------------------------------------------------------------- seeds and kinds (issue 18)
+def seeds(method, sparsity, values, *, half=2.0, **kw):
+    """Records of one method and sparsity from seeds 0, 1, ...: ``values[k]`` with the interval value ± half."""
+    return [rec(method, sparsity, v, interval=(v - half, v + half), seed=k, **kw) for k, v in enumerate(values)]
+
+
+def test_compare_pools_seeds_and_a_gap_inside_their_spread_is_no_clear_difference():
+    # item intervals apart ([89.5, 90.5] against [79.5, 80.5]) but the seeds overlap: 75-100 against 60-100
+    inside = [rec("dense", 0.0, 97.6)] + seeds("ecoflap-zeroth", 0.7, [75.0, 95.0, 100.0], half=0.5) + seeds(
+        "wanda", 0.7, [60.0, 80.0, 100.0], half=0.5)
+    s = compare(inside, a="ecoflap-zeroth", b="wanda", sparsity=0.7)
+    assert "ecoflap-zeroth 90 (75–100 over 3 seeds) [89.5, 90.5], wanda 80 (60–100 over 3 seeds) [79.5, 80.5]" in s
+    assert "ecoflap-zeroth keeps 10 of the 17.6 points wanda loses." in s  # means over seeds
+    assert s.endswith("No clear difference between ecoflap-zeroth and wanda: their 95 % item intervals do not "
+                      "overlap; their ranges over seeds (3 and 3 seeds) overlap.")
+    # outside both: every seed of one beats every seed of the other, and the mean item intervals are apart
+    outside = seeds("ecoflap-zeroth", 0.7, [90.0, 92.0, 94.0]) + seeds("wanda", 0.7, [80.0, 81.0, 82.0])
+    s = compare(outside, a="ecoflap-zeroth", b="wanda", sparsity=0.7)
+    assert "ecoflap-zeroth 92 (90–94 over 3 seeds) [90, 94], wanda 81 (80–82 over 3 seeds) [79, 83]" in s
+    assert s.endswith("ecoflap-zeroth and wanda differ: neither their 95 % item intervals nor their ranges over "
+                      "seeds (3 and 3 seeds) overlap.")
+    # seeds apart but the item intervals overlap: no clear difference either
+    wide = seeds("ecoflap-zeroth", 0.7, [90.0, 92.0, 94.0], half=12.0) + seeds("wanda", 0.7, [80.0, 81.0, 82.0])
+    assert "their 95 % item intervals overlap; their ranges over seeds (3 and 3 seeds) do not overlap." in compare(
+        wide, a="ecoflap-zeroth", b="wanda", sparsity=0.7)
+    # one side at one seed: not measured for that side
+    single = seeds("ecoflap-zeroth", 0.7, [90.0, 92.0, 94.0]) + seeds("wanda", 0.7, [81.0])
+    assert "the spread over seeds is not measured (one seed for wanda)." in compare(
+        single, a="ecoflap-zeroth", b="wanda", sparsity=0.7)
+
+
+def test_compare_never_pools_fine_tuned_with_one_shot_records_nor_two_of_one_seed():
+    curve = [rec("wanda", 0.5, v, seed=0, steps=k, finetuned=k > 0, final=k != 15)
+             for k, v in ((0, 0.0), (15, 71.0), (30, 78.0))]
+    others = [rec("ecoflap-zeroth", 0.5, v, seed=0, steps=k, finetuned=k > 0, final=k != 15)
+              for k, v in ((0, 1.0), (15, 61.0), (30, 76.0))]
+    with pytest.raises(UserError, match=r"wanda at sparsity 0.5 mixes wanda, wanda · FT 15 steps \(curve point\), "
+                                        r"wanda · FT 30 steps: pass where="):
+        compare(curve + others, a="wanda", b="ecoflap-zeroth", sparsity=0.5)
+    s = compare(curve + others, a="ecoflap-zeroth", b="wanda", sparsity=0.5, where={"steps": 30})
+    assert "ecoflap-zeroth 76, wanda 78." in s
+    assert "ecoflap-zeroth 1, wanda 0." in compare(curve + others, a="ecoflap-zeroth", b="wanda", sparsity=0.5,
+                                                    where={"finetuned": False})
+    twice = [rec("wanda", 0.5, 40.0, seed=1), rec("wanda", 0.5, 42.0, seed=1), rec("x", 0.5, 41.0, seed=1)]
+    with pytest.raises(UserError, match="same seed 1: pass where="):
+        compare(twice, a="x", b="wanda", sparsity=0.5)
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"seed": "a"}, r"config.seed is 'a', not an integer"),
+    ({"seed": 1.5}, r"config.seed is 1.5, not an integer"),
+    ({"seed": True}, r"config.seed is True, not an integer"),
+    ({"seed": 0, "seeds": []}, r"config.seeds is \[\]: give a non-empty list of distinct integer seeds"),
+    ({"seed": 0, "seeds": [0, "x"]}, r"config.seeds holds 'x', not an integer: give a non-empty list"),
+    ({"seed": 0, "seeds": [0, 0]}, r"config.seeds is \[0, 0\], which repeats a seed"),
+    ({"seed": 3, "seeds": [0, 1, 2]}, r"config.seed 3 is not in config.seeds \[0, 1, 2\]"),
+    ({"finetuned": True, "steps": 0}, r"config.finetuned is True but config.steps is 0"),
+    ({"steps": -1}, r"config.steps is -1"),
+    ({"final": "yes"}, r"config.final is 'yes', not true or false"),
+])
+def test_bad_seed_and_kind_fields_are_one_line_user_errors(config, match):
+    bad = [rec("dense", 0.0, 97.6), rec("wanda", 0.5, 90.0, **config)]
+    with pytest.raises(UserError, match=match) as e:
+        headline_table(bad)
+    assert "\n" not in str(e.value) and "record 1 ('wanda')" in str(e.value)
+
+
+@pytest.mark.parametrize("seeds, match", [([], r"SEEDS is \[\]"), ((0, 1.5), r"SEEDS holds 1.5"),
+                                          ("0,1", r"SEEDS is '0,1'"), ([0, True], r"SEEDS holds True"),
+                                          ([2, 2], r"repeats a seed")])
+def test_check_seeds_refuses_what_is_not_a_list_of_distinct_integers(seeds, match):
+    from ecoflap_utils.records import check_seeds
+
+    with pytest.raises(UserError, match=match):
+        check_seeds(seeds)
+    assert check_seeds([2, 0, 1.0]) == [2, 0, 1]
+
+
+def test_headline_table_shows_the_mean_and_range_over_seeds_beside_the_item_interval():
+    recs = [rec("dense", 0.0, 97.6)] + seeds("wanda", 0.7, [80.0, 82.0, 84.0]) + [rec("sparsegpt", 0.7, 90.0)]
+    t = headline_table(recs)
+    assert list(t.columns) == ["0", "0.7", "0.7 low", "0.7 high", "0.7 seed min", "0.7 seed max", "0.7 seeds"]
+    assert list(t.loc["wanda"]) == [pytest.approx(float("nan"), nan_ok=True), 82.0, 80.0, 84.0, 80.0, 84.0, 3]
+    assert t.loc["sparsegpt", "0.7 seeds"] == 1 and t.loc["sparsegpt", "0.7 seed min"] == 90.0
+    md = headline_markdown(recs)
+    assert "| wanda     |       | 82.00 (80.00–84.00 over 3 seeds) [80.00, 84.00] |" in md
+    assert md.endswith(report.SEEDS_NOTE)
+    assert trend(recs, "wanda") == ("On mini-clip (zeroshot), wanda's acc1: 82 (80–84 over 3 seeds) [80, 84] at "
+                                    "sparsity 0.7.")
+
+
+def test_fine_tuned_records_are_their_own_rows_and_curve_points_are_left_out():
+    curve = [rec("wanda", 0.5, v, seed=0, steps=k, finetuned=k > 0, final=k != 15)
+             for k, v in ((0, 0.0), (15, 71.0), (30, 78.0))]
+    recs = [rec("dense", 0.0, 40.0), rec("wanda", 0.3, 46.0, seed=0)] + curve
+    t = headline_table(recs, rows=("label",))
+    assert list(t.index) == ["dense", "wanda", "wanda · FT 30 steps"] and t.index.name == "method"
+    assert list(t.loc["wanda", ["0.3", "0.5"]]) == [46.0, 0.0]
+    assert math.isnan(t.loc["wanda · FT 30 steps", "0.3"]) and t.loc["wanda · FT 30 steps", "0.5"] == 78.0
+    with pytest.raises(UserError, match=r"wanda at sparsity 0.5 mixes wanda, wanda · FT 30 steps: .*rows="):
+        headline_table(recs)  # rows=("method",) cannot tell them apart: refused, not one of them kept
+
+
+def test_records_measuring_a_metric_differently_are_refused():
+    recs = [rec("dense", 0.0, 97.6, eval={"num_beams": 1, "scoring": "generate"}),
+            rec("wanda", 0.5, 90.0, eval={"num_beams": 1, "scoring": "rank"})]
+    with pytest.raises(UserError, match=r"mini-clip · zeroshot: acc1 is measured differently by the record 0 "
+                                        r"\('dense'\) .* and the record 1 \('wanda'\)"):
+        headline_table(recs)
+    same = [recs[0], rec("wanda", 0.5, 90.0, eval={"num_beams": 1, "scoring": "generate"}), rec("x", 0.5, 80.0)]
+    assert list(headline_table(same).index) == ["dense", "wanda", "x"]  # no eval entry: taken to agree
