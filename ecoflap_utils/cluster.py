@@ -1,6 +1,6 @@
 """Runs of a grid as Slurm jobs, through submitit (``runs GRID.yaml --executor slurm``).
 
-Each run of the grid is one job. submitit pickles the job (:func:`run_job` with the run's spec), writes the
+Each run of the grid is one job. submitit pickles the job (``runs.run_job`` with the run's spec), writes the
 sbatch file, submits it and later reads the pickled result; runs with the same resources are submitted as one
 job array, whose ``%N`` throttle is ``array_parallelism``. Nothing here writes an sbatch script by hand.
 
@@ -242,18 +242,6 @@ def sbatch_text(opts: SlurmOptions, folder: str | os.PathLike, *, array: int | N
 
 # --------------------------------------------------------------------------------------------- the job
 
-def run_job(spec, run_dir: str, out_dir: str, kernel_name: str, timeout: float | None, threads: int | None):
-    """What one Slurm job runs: the notebook of ``spec`` into ``run_dir`` (``runs._execute``, which keeps the
-    job's ``slurm.json`` and log link), with ``threads`` intra-op threads. Returns its ``RunOutcome``."""
-    from .runs import _execute
-
-    if threads:
-        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-            os.environ.setdefault(var, str(threads))
-    return _execute(spec, Path(run_dir), Path(out_dir), kernel_name=kernel_name, timeout=timeout,
-                    keep=(JOB_FILE, LOG_LINK))
-
-
 @dataclass
 class JobRecord:
     """A submitted job as recorded in ``<run>/slurm.json``."""
@@ -325,23 +313,20 @@ class Tracked:
             return "alive"
         return "ended"
 
-    def outcome(self, spec, run_dir: Path):
-        """The ``RunOutcome`` of an ended job: the one it returned, or a failure that says why it has none
-        (written to ``error.txt`` so that the run folder says it too)."""
-        from .runs import RunOutcome, is_complete
-
+    def ended(self, run_dir: Path, complete: bool) -> tuple[Any, str | None]:
+        """For an ended job: ``(what it returned, None)``, or ``(None, why it has no result)``; the reason is
+        also written to ``error.txt`` so that the run folder says it. ``complete``: the run folder is complete
+        (a job that finished its work and then lost its result file still counts)."""
         job = self.job
         if job.paths.result_pickle.exists():
             try:
-                out = job.result()
-                if isinstance(out, RunOutcome):
-                    return out
+                return job.result(), None
             except Exception as e:  # the job function itself raised
-                return _failed(spec, run_dir, f"job {self.record.job_id} raised {_first_line(e)}")
-        if is_complete(run_dir):  # finished its work, then lost its result file
-            return RunOutcome(spec, run_dir, "done")
-        return _failed(spec, run_dir, f"job {self.record.job_id} ended without finishing the run "
-                                      f"({self._why()}); log: {_log_hint(job)}")
+                return None, _failed(run_dir, f"job {self.record.job_id} raised {_first_line(e)}")
+        if complete:
+            return None, None
+        return None, _failed(run_dir, f"job {self.record.job_id} ended without finishing the run ({self._why()}); "
+                                      f"log: {_log_hint(job)}")
 
     def _why(self) -> str:
         if self.record.cluster == "local":
@@ -357,12 +342,10 @@ class Tracked:
                 "CANCELLED": "Slurm state CANCELLED"}.get(str(state).split()[0].upper(), f"Slurm state {state}")
 
 
-def _failed(spec, run_dir: Path, why: str):
-    from .runs import RunOutcome
-
+def _failed(run_dir: Path, why: str) -> str:
     if run_dir.is_dir():
         write_text_atomic(run_dir / "error.txt", why + "\n")
-    return RunOutcome(spec, run_dir, "failed", why)
+    return why
 
 
 def _first_line(e: BaseException) -> str:
@@ -388,11 +371,11 @@ def _local_controller_alive(job_id: str) -> bool:
         return False
 
 
-def submit(runs: Sequence[tuple], opts_of, out: Path, *, kernel_name: str, timeout: float | None
+def submit(job_fn, runs: Sequence[tuple], opts_of, out: Path, *, kernel_name: str, timeout: float | None
            ) -> dict[str, Tracked]:
-    """Submit ``runs`` (``(spec, run_dir)`` pairs, run folders already prepared) grouped by their options
-    (``opts_of(spec)``), one job array per group; record each job in its run folder. Returns run name ->
-    its tracked job."""
+    """Submit ``job_fn(spec, run_dir, out_dir, kernel_name, timeout, threads)`` for each of ``runs``
+    (``(spec, run_dir)`` pairs, run folders already prepared), grouped by their options (``opts_of(spec)``),
+    one job array per group; record each job in its run folder. Returns run name -> its tracked job."""
     groups: dict[SlurmOptions, list[tuple]] = {}
     for spec, run_dir in runs:
         groups.setdefault(opts_of(spec), []).append((spec, run_dir))
@@ -401,7 +384,7 @@ def submit(runs: Sequence[tuple], opts_of, out: Path, *, kernel_name: str, timeo
     for opts, members in groups.items():
         ex = make_executor(folder, opts)
         with ex.batch():
-            jobs = [ex.submit(run_job, spec, str(run_dir), str(out), kernel_name, timeout, opts.cpus)
+            jobs = [ex.submit(job_fn, spec, str(run_dir), str(out), kernel_name, timeout, opts.cpus)
                     for spec, run_dir in members]
         now = time.time()
         for (spec, run_dir), job in zip(members, jobs):

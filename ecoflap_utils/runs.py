@@ -621,6 +621,29 @@ def run_grid(grid_path_or_dict, out_dir: str | os.PathLike = "runs", *, kernel_n
     return result
 
 
+def run_job(spec: RunSpec, run_dir: str, out_dir: str, kernel_name: str, timeout: float | None,
+            threads: int | None) -> RunOutcome:
+    """What one Slurm job runs: the notebook of ``spec`` into ``run_dir`` (:func:`_execute`, keeping the job's
+    ``slurm.json`` and log link), with ``threads`` intra-op threads (the job's CPUs)."""
+    from .cluster import JOB_FILE, LOG_LINK
+
+    if threads:
+        for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ.setdefault(var, str(threads))
+    return _execute(spec, Path(run_dir), Path(out_dir), kernel_name=kernel_name, timeout=timeout,
+                    keep=(JOB_FILE, LOG_LINK))
+
+
+def _job_outcome(tracked, spec: RunSpec, run_dir: Path) -> RunOutcome:
+    """The outcome of a run whose Slurm job has ended: what the job returned, else a failure with the reason."""
+    returned, why = tracked.ended(run_dir, is_complete(run_dir))
+    if isinstance(returned, RunOutcome):
+        return returned
+    if why is None:
+        return RunOutcome(spec, run_dir, "done")
+    return RunOutcome(spec, run_dir, "failed", why)
+
+
 def _collect_states(todo: Sequence[RunSpec], out: Path, done: dict) -> None:
     """``--collect``: the state of each run that is not complete, submitting nothing: ``pending`` while its
     recorded job is queued or running, ``failed`` (with the reason) when that job ended without finishing,
@@ -641,7 +664,7 @@ def _collect_states(todo: Sequence[RunSpec], out: Path, done: dict) -> None:
         if t.state() == "alive":
             done[spec.name] = RunOutcome(spec, run_dir, "pending", f"job {rec.job_id}")
         else:
-            done[spec.name] = t.outcome(spec, run_dir)
+            done[spec.name] = _job_outcome(t, spec, run_dir)
 
 
 def _run_on_slurm(todo: Sequence[RunSpec], out: Path, done: dict, bar, *, options: Mapping, kernel: str,
@@ -673,7 +696,7 @@ def _run_on_slurm(todo: Sequence[RunSpec], out: Path, done: dict, bar, *, option
         n = max(0, slots - len(follow)) if local and wait else len(fresh)
         batch, fresh[:] = fresh[:n], fresh[n:]
         if batch:
-            follow.update(submit(batch, lambda s: options[s.name], out, kernel_name=kernel, timeout=timeout))
+            follow.update(submit(run_job, batch, lambda s: options[s.name], out, kernel_name=kernel, timeout=timeout))
 
     hand_over()
     if not wait:
@@ -684,7 +707,7 @@ def _run_on_slurm(todo: Sequence[RunSpec], out: Path, done: dict, bar, *, option
     while follow:
         bar.set_postfix_str(f"{len(follow)} job(s) queued or running", refresh=True)
         for name in [n for n, t in follow.items() if t.state() == "ended"]:
-            done[name] = follow.pop(name).outcome(by_name[name], out / name)
+            done[name] = _job_outcome(follow.pop(name), by_name[name], out / name)
             bar.update()
         hand_over()
         if follow:
