@@ -74,15 +74,18 @@ def _add_prune(sub) -> None:
                         "(drop the flag or drop --protocol); without --protocol, [P] options take the defaults shown")
     p.add_argument("--calibration", default=None, metavar="PATH",
                    help="calibration data on disk for both stages (CC3M/COCO pairs, webdataset shards "
-                        "'cc3m/{00000..00331}.tar', an ImageFolder train split, C4 .json.gz, a .txt): the fine stage "
+                        "'cc3m/{00000..00331}.tar', an ImageFolder train split, the train split of one of CoOp's "
+                        "datasets 'coop:/data/oxford_pets', C4 .json.gz, a .txt): the fine stage "
                         "draws --calib-samples items, the coarse stage --first-stage-samples, with --seed "
-                        "(default: the model's bundled or generated samples)")
+                        "(default: the model's bundled or generated samples). With --protocol paper, CLIP images get "
+                        "CoOp's training augmentation (random resized crop + flip, drawn once per image from --seed)")
     p.add_argument("--calibration-format", default=None,
-                   help="format of --calibration: coco, karpathy, csv, webdataset, text, jsonl or imagefolder "
+                   help="format of --calibration: coco, karpathy, csv, webdataset, text, jsonl, imagefolder or coop "
                         "(default: detected from the path)")
     p.add_argument("--image-root", default=None, help="folder the image paths of --calibration are relative to")
     p.add_argument("--calibration-template", default=None,
-                   help="CLIP with an ImageFolder: the class prompt, e.g. 'a photo of a {}.' (the default)")
+                   help="CLIP with an ImageFolder or a CoOp dataset: the class prompt (default: a CoOp dataset's "
+                        "own CoOp template, e.g. 'a photo of a {}, a type of pet.'; 'a photo of a {}.' otherwise)")
     p.add_argument("--clip-objective", default=None,
                    help="CLIP with an ImageFolder: contrastive (each image with its class prompt, the official loss) "
                         "or classes (each image against all class prompts) (default: contrastive) [P]")

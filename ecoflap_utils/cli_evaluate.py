@@ -19,7 +19,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         description="Evaluate a model (a name, or a pruned run's folder holding pruning_config.json) on one task "
                     "and write DIR/results.json ({model, method, sparsity, task, metrics, resources, config}); "
                     "generation tasks also write predictions.json, zero-shot writes clip_benchmark.json. "
-                    "Data layouts: data/BENCHMARKS.md. Without --data the model's bundled held-out set is used.")
+                    "Data layouts: data/BENCHMARKS.md. Without --data the model's bundled held-out set is used. "
+                    "Zero-shot on one of CoOp's 11 datasets: --data coop:/data/oxford_pets (its test split, its "
+                    "single CoOp template).")
     p.add_argument("--model", required=True,
                    help="model name (tiny-clip, tiny-blip2-t5, smollm2-135m, open_clip:ARCH/PRETRAINED, a Hugging "
                         "Face id or folder) or a pruned run's folder (method and sparsity are read from it)")
@@ -27,14 +29,17 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                    help="what to evaluate: zeroshot/retrieval (CLIP), vqav2/okvqa/gqa/caption (BLIP-2), "
                         "perplexity (causal LM); default: the model's default task")
     p.add_argument("--data", default=None,
-                   help="zeroshot: ImageFolder dir or CSV of path,label; retrieval: Karpathy JSON; vqav2/okvqa: "
+                   help="zeroshot: ImageFolder dir, CSV of path,label, or coop:FOLDER (one of CoOp's 11 datasets in "
+                        "the layout of CoOp's DATASETS.md, read from its split files); retrieval: Karpathy JSON; vqav2/okvqa: "
                         "questions JSON or its folder; gqa: questions JSON; caption: COCO/NoCaps captions JSON; "
                         "perplexity: raw text file (default: the model's bundled held-out set)")
     p.add_argument("--annotations", default=None,
                    help="vqav2/okvqa: the annotations JSON (default: the one *annotations*.json next to the questions)")
     p.add_argument("--image-root", default=None,
                    help="folder the dataset's image paths are relative to (default: next to the annotation file)")
-    p.add_argument("--split", default="test", help="Karpathy split to read from a Karpathy JSON (test, val, ...)")
+    p.add_argument("--split", default="test",
+                   help="Karpathy split to read from a Karpathy JSON (test, val, ...); the split of a coop: dataset "
+                        "(train, val or test)")
     p.add_argument("--limit", type=int, default=None,
                    help="evaluate on this many examples only (first ones; evenly spaced for zeroshot; windows "
                         "for perplexity)")
@@ -46,8 +51,10 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                    help="zeroshot: file with one class name per line, in label order (default: folder names or "
                         "CSV labels)")
     p.add_argument("--templates", default=None,
-                   help="zeroshot: file with one prompt template per line, '{}' for the class name "
-                        "(default: a built-in list of 7 CLIP templates)")
+                   help="zeroshot: file with one prompt template per line, '{}' for the class name, or a set by "
+                        "name: 'coop' (a coop: dataset's single CoOp template, CoOp's CUSTOM_TEMPLATES) or "
+                        "'ensemble' (the 7 templates CLIP's authors picked for ImageNet) (default: coop on coop: "
+                        "data, else ensemble)")
     p.add_argument("--prompt", default=None,
                    help="VQA prompt with '{}' for the question (default 'Question: {} Short answer:'); "
                         "caption prompt (default 'a photo of'; '' for none)")
@@ -66,6 +73,11 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--stride", type=int, default=None,
                    help="perplexity: tokens between window starts; less than --window scores only new tokens "
                         "(default: --window, non-overlapping)")
+    p.add_argument("--protocol", default=None,
+                   help="paper: the official evaluation settings (docs/FIDELITY.md): zeroshot the dataset's single "
+                        "CoOp template; VQA prompt, 5 beams, <= 10 new tokens, transformers' min_length 1; captions "
+                        "'a photo of', 5 beams, <= 30 new tokens, min_length 8 (7 new tokens on Flan-T5); perplexity "
+                        "2048-token windows. A flag that contradicts it is refused; the record names the protocol")
     p.add_argument("--out", required=True, help="output directory for results.json (must not hold a run unless "
                                                 "--overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
@@ -82,7 +94,7 @@ def _cmd_evaluate(a) -> int:
         dtype=a.dtype, classnames=a.classnames, templates=a.templates, annotations=a.annotations,
         image_root=a.image_root, split=a.split, prompt=a.prompt, max_new_tokens=a.max_new_tokens,
         num_beams=a.num_beams, window=a.window, stride=a.stride, vqa_inference=a.vqa_inference,
-        answer_list=a.answer_list, overwrite=a.overwrite,
+        answer_list=a.answer_list, protocol=a.protocol, overwrite=a.overwrite,
         progress=False if a.no_progress else None,
     )
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record["metrics"].items())

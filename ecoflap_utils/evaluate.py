@@ -6,6 +6,12 @@
   generated the way BLIP-2/LAVIS does (prompt ``"Question: {} Short answer:"``, beam search);
 * causal LMs: WikiText-2 perplexity with the SparseGPT/Wanda protocol.
 
+Zero-shot classification reads CoOp's 11 datasets from their own split files (``coop:/data/oxford_pets``,
+:mod:`ecoflap_utils.data.coop`) and then uses that dataset's single CoOp template, as the official
+``ZeroshotCLIP`` does; other data get the 7-template ensemble (:data:`DEFAULT_TEMPLATES`). ``templates="coop"``
+or ``"ensemble"`` picks one of the two by name; results name the templates used. ``protocol="paper"``
+(:func:`evaluate`) applies the official evaluation settings (:func:`ecoflap_utils.protocol.paper_eval_settings`).
+
 Everything is batched, runs on the model's device and dtype (read from its parameters), shows tqdm
 progress bars (quiet off a terminal), and takes ``limit`` to evaluate on the first examples only.
 Metrics come from :mod:`ecoflap_utils.metrics`; readers from :mod:`ecoflap_utils.data.formats`.
@@ -33,7 +39,7 @@ from tqdm.auto import tqdm
 
 from . import intervals as I
 from . import metrics as M
-from .data import formats
+from .data import coop, formats
 from .errors import UserError
 from .models.images import _first_float_param, image_batch
 
@@ -47,7 +53,8 @@ FAMILY_NAMES = {"clip": "CLIP", "blip2": "BLIP-2", "causal_lm": "causal language
 TASK_NEEDS = {"zeroshot": "clip", "retrieval": "clip", "vqav2": "blip2", "okvqa": "blip2", "gqa": "blip2",
               "caption": "blip2", "perplexity": "causal_lm"}
 
-#: A small prompt ensemble (the 7 templates CLIP's authors picked for ImageNet) used without --templates.
+#: A small prompt ensemble (the 7 templates CLIP's authors picked for ImageNet), used without --templates on data
+#: that is not a CoOp dataset, and by name with ``templates="ensemble"``.
 DEFAULT_TEMPLATES = (
     "itap of a {}.",
     "a bad photo of the {}.",
@@ -57,6 +64,8 @@ DEFAULT_TEMPLATES = (
     "art of the {}.",
     "a photo of the small {}.",
 )
+#: template sets by name: ``coop`` (the CoOp dataset's single ``ZeroshotCLIP`` template) and ``ensemble``
+TEMPLATE_SETS = ("coop", "ensemble")
 VQA_PROMPT = "Question: {} Short answer:"
 CAPTION_PROMPT = "a photo of"
 # --------------------------------------------------------------------------- small helpers
@@ -154,20 +163,57 @@ def classifier_weights(adapter, classnames: Sequence[str], templates: Sequence[s
     return torch.stack(rows)
 
 
+def resolve_templates(templates: Any, coop_data: "coop.CoOpDataset | None" = None) -> tuple[list[str], str]:
+    """``(templates, template_set)``: what zero-shot classification prompts with, and which set that is.
+
+    ``None`` gives the CoOp dataset's single template (``coop``) on CoOp data, else the ensemble
+    (:data:`DEFAULT_TEMPLATES`, ``ensemble``); the names ``"coop"`` and ``"ensemble"`` pick one; a list is
+    used as given (``given``)."""
+    if templates is None:
+        templates = "coop" if coop_data is not None else "ensemble"
+    if isinstance(templates, str) and templates in TEMPLATE_SETS:
+        if templates == "ensemble":
+            return list(DEFAULT_TEMPLATES), "ensemble"
+        if coop_data is None:
+            raise UserError("templates 'coop' are a CoOp dataset's own: give the data as coop:/data/NAME, or "
+                            "templates 'ensemble' or a file of templates")
+        return [coop_data.template], "coop"
+    if isinstance(templates, str):
+        raise UserError(f"templates {templates!r}: give a list of templates, a file, or one of "
+                        f"{', '.join(TEMPLATE_SETS)}")
+    return [str(t) for t in templates], "given"
+
+
 def zeroshot_classification(adapter, dataset: Any, *, classnames: Sequence[str] | None = None,
-                            templates: Sequence[str] | None = None, batch_size: int = 64, limit: int | None = None,
-                            dataset_name: str | None = None, progress: bool | None = None) -> dict[str, Any]:
+                            templates: Sequence[str] | str | None = None, batch_size: int = 64,
+                            limit: int | None = None, dataset_name: str | None = None, split: str = "test",
+                            template_set: str | None = None, progress: bool | None = None) -> dict[str, Any]:
     """CLIP zero-shot classification (Radford et al. 2021; ECoFLaP Table 3): logits = image_emb @ text_emb.T.
 
-    ``dataset`` is an ImageFolder directory, a CSV of ``path,label``, a list of ``(image, label)`` or a
-    :class:`~ecoflap_utils.data.formats.ClassificationSet`. ``limit`` keeps that many evenly spaced
-    examples (a class-sorted folder would otherwise give one class). Returns ``acc1``, ``acc5``,
-    ``mean_per_class_recall`` (percent), ``n``, ``intervals`` (of ``acc1``, over images) and
-    ``clip_benchmark`` (CLIP_benchmark's result JSON).
+    ``dataset`` is an ImageFolder directory, a CSV of ``path,label``, a list of ``(image, label)``, a
+    :class:`~ecoflap_utils.data.formats.ClassificationSet`, or one of CoOp's datasets (``"coop:/data/oxford_pets"``
+    or a :class:`~ecoflap_utils.data.coop.CoOpDataset`), whose ``split`` (default ``test``) is evaluated with
+    CoOp's class names. ``templates``: see :func:`resolve_templates` (CoOp data: the dataset's single template,
+    as ``ZeroshotCLIP``, ``zsclip.py`` L42-45; other data: the 7-template ensemble); ``template_set`` relabels
+    a given list (e.g. ``"coop"`` for the paper preset's). ``limit`` keeps that many evenly spaced examples
+    (a class-sorted folder would otherwise give one class). Returns ``acc1``, ``acc5``,
+    ``mean_per_class_recall`` (percent), ``n``, ``intervals`` (of ``acc1``, over images), ``templates`` and
+    ``template_set`` (what prompted), ``dataset`` and ``split`` for CoOp data, and ``clip_benchmark``
+    (CLIP_benchmark's result JSON).
     """
     _check_positive(batch_size, "batch_size")
     _check_positive(limit, "limit")
-    ds = formats.load_classification(dataset, classnames=classnames)
+    coop_data = coop.read_coop(dataset) if coop.is_coop(dataset) else None
+    templates, label = resolve_templates(templates, coop_data)
+    if coop_data is not None:
+        ds = coop_data.classification_set(split)
+        if classnames is not None:
+            if len(classnames) != len(ds.classnames):
+                raise UserError(f"{coop_data.name} has {len(ds.classnames)} classes but {len(classnames)} class "
+                                "names were given: drop --classnames (CoOp's are used) or give one per class")
+            ds.classnames = list(classnames)
+    else:
+        ds = formats.load_classification(dataset, classnames=classnames)
     names = list(classnames) if classnames is not None else ds.classnames
     if not names:
         raise UserError("zero-shot classification needs class names: pass --classnames FILE (one per line)")
@@ -177,7 +223,7 @@ def zeroshot_classification(adapter, dataset: Any, *, classnames: Sequence[str] 
     idx = _subset_indices(len(ds), limit, spread=True)
     images = [ds.images[i] for i in idx]
     labels = np.asarray([ds.labels[i] for i in idx], dtype=np.int64)
-    weights = classifier_weights(adapter, names, list(templates or DEFAULT_TEMPLATES), progress=progress)
+    weights = classifier_weights(adapter, names, templates, progress=progress)
     feats = encode_images(adapter, images, batch_size=batch_size, progress=progress)
     logits = (feats @ weights.T).numpy()
     top = M.topk_accuracy(logits, labels, ks=(1, 5))
@@ -186,6 +232,9 @@ def zeroshot_classification(adapter, dataset: Any, *, classnames: Sequence[str] 
     # per image: 100 if the label has the highest logit (argmax breaks ties towards the lower class, as top-k)
     correct = 100.0 * (logits.argmax(axis=1) == labels)
     out["intervals"] = item_interval(correct, out["acc1"], "acc1")
+    out["templates"], out["template_set"] = list(templates), template_set or label
+    if coop_data is not None:
+        out.update(dataset=coop_data.name, split=split)
     out["clip_benchmark"] = {
         "dataset": dataset_name or ds.name, "model": adapter.name, "task": "zeroshot_classification",
         "metrics": {k: out[k] / 100.0 for k in ("acc1", "acc5", "mean_per_class_recall")},
@@ -314,13 +363,19 @@ class _Blip2Inputs:
 
 def generate_answers(adapter, images: Sequence[Any], prompts: Sequence[str] | str, *, max_new_tokens: int = 10,
                      min_new_tokens: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
-                     batch_size: int = 16, progress: bool | None = None) -> list[str]:
+                     batch_size: int = 16, min_length: int | None = None,
+                     progress: bool | None = None) -> list[str]:
     """Generate one text per image with a BLIP-2 model (Li et al. 2023, Sec. 3.3), deterministically.
 
     The language model's input is ``num_query_tokens`` copies of ``config.image_token_index`` (replaced by
     the Q-Former outputs inside ``Blip2ForConditionalGeneration.generate``) followed by the tokenised
     prompt, as ``Blip2Processor`` builds it. Decoder-only LMs (OPT, LLaMA) get left padding and their
     output is cut after the prompt; a T5 LM reads the prompt in its encoder and its decoder output is the text.
+
+    ``min_new_tokens`` forbids the end token before that many new tokens (our default). ``min_length`` instead
+    passes transformers' ``min_length`` as LAVIS's ``blip2_t5.py`` does (L360, L426): it counts the whole
+    output sequence, for T5 the decoder's start token included (so ``min_length=k`` means k - 1 new tokens), for
+    a decoder-only LM the prompt included. Give one of the two.
     """
     _check_positive(batch_size, "batch_size")
     _check_positive(max_new_tokens, "max_new_tokens")
@@ -332,8 +387,12 @@ def generate_answers(adapter, images: Sequence[Any], prompts: Sequence[str] | st
     model, tok, text_cfg, pad, decoder_only = adapter.model, inp.tokenizer, inp.text_cfg, inp.pad, inp.decoder_only
     gen_kw: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=num_beams,
                                   pad_token_id=pad)
+    if min_length is not None and min_new_tokens:
+        raise UserError("give min_new_tokens or min_length (transformers' count, start token included), not both")
     if min_new_tokens:
         gen_kw["min_new_tokens"] = min(min_new_tokens, max_new_tokens)
+    if min_length is not None:
+        gen_kw["min_length"] = int(min_length)
     if num_beams > 1:
         gen_kw["length_penalty"] = length_penalty
     if getattr(text_cfg, "eos_token_id", None) is not None:
@@ -601,7 +660,8 @@ def rows_answer_list(rows: Sequence[Mapping[str, Any]], key: str = "answers") ->
 def vqa(adapter, questions: Sequence[Mapping[str, Any]], *, prompt: str = VQA_PROMPT, max_new_tokens: int = 10,
         min_new_tokens: int = 1, num_beams: int = 5, length_penalty: float = -1.0, batch_size: int = 16,
         limit: int | None = None, metric: str | None = None, inference: str = "generate",
-        answer_list: Sequence[str] | None = None, progress: bool | None = None) -> dict[str, Any]:
+        answer_list: Sequence[str] | None = None, min_length: int | None = None,
+        progress: bool | None = None) -> dict[str, Any]:
     """Zero-shot VQA with BLIP-2 (ECoFLaP Table 1; LAVIS's VQAv2/OK-VQA/GQA zero-shot settings:
     prompt ``"Question: {} Short answer:"``, beam 5, at most 10 tokens, length penalty -1).
 
@@ -616,6 +676,11 @@ def vqa(adapter, questions: Sequence[Mapping[str, Any]], *, prompt: str = VQA_PR
     unused). Without ``answer_list`` the candidates are the distinct reference answers of the evaluated rows
     (:func:`rows_answer_list`), which makes the task a closed-set choice among answers that occur. With
     rank the result also holds ``answer_list``: which list was used.
+
+    Length: by default at least ``min_new_tokens=1`` new token (an empty answer is never generated);
+    ``min_length`` replaces it with transformers' ``min_length`` as the official code passes it
+    (:func:`generate_answers`; LAVIS's ``min_len 1``, which on Flan-T5 imposes nothing). Generated results hold
+    ``generation``: the settings used.
     """
     _check_positive(limit, "limit")
     _check_inference(inference)
@@ -651,9 +716,13 @@ def vqa(adapter, questions: Sequence[Mapping[str, Any]], *, prompt: str = VQA_PR
                             "per line, or rows whose reference answers are not empty")
         preds, _ = rank_answers(adapter, images, prompts, cands, batch_size=batch_size, progress=progress)
     else:
+        if min_length is not None:
+            min_new_tokens = 0
         preds = generate_answers(adapter, images, prompts, max_new_tokens=max_new_tokens,
                                  min_new_tokens=min_new_tokens, num_beams=num_beams, length_penalty=length_penalty,
-                                 batch_size=batch_size, progress=progress)
+                                 batch_size=batch_size, min_length=min_length, progress=progress)
+        extra["generation"] = _generation(prompt, num_beams, max_new_tokens, min_new_tokens, min_length,
+                                          length_penalty)
     refs = [r[key] for r in rows]
     acc = score_vqa(preds, refs, metric=metric)
     return {"vqa_accuracy": acc, "n": len(rows),
@@ -692,14 +761,16 @@ def caption_item_scores(predictions: Sequence[str], references: Sequence[Sequenc
 def caption(adapter, dataset: Any, *, prompt: str | None = None, max_new_tokens: int = 30, min_new_tokens: int = 8,
             num_beams: int = 5, batch_size: int = 16, limit: int | None = None,
             image_root: str | os.PathLike | None = None, split: str | None = "test",
-            progress: bool | None = None) -> dict[str, Any]:
+            min_length: int | None = None, progress: bool | None = None) -> dict[str, Any]:
     """Image captioning with BLIP-2 (ECoFLaP Table 1, NoCaps/COCO; LAVIS's settings: prompt
     ``"a photo of"``, beam 5, 8 to 30 new tokens). The prompt is not part of the scored caption.
     ``prompt=None`` takes a row's own ``"prompt"``, else ``adapter.caption_prompt``, else ``"a photo of"``;
-    ``""`` means no prompt.
+    ``""`` means no prompt. ``min_length`` replaces ``min_new_tokens`` with transformers' ``min_length`` as the
+    official code passes it (LAVIS's NoCaps ``min_len 8``: 7 new tokens on Flan-T5; :func:`generate_answers`).
 
     ``dataset``: a COCO captions / NoCaps JSON, a Karpathy-style JSON, or rows ``{"image", "references"}``.
-    Returns ``cider``, ``bleu4`` (x100), ``n``, ``intervals`` (of ``cider``, over images) and the ``predictions``.
+    Returns ``cider``, ``bleu4`` (x100), ``n``, ``intervals`` (of ``cider``, over images), the ``predictions``
+    and ``generation`` (the settings used).
     """
     _check_positive(limit, "limit")
     if isinstance(dataset, (str, os.PathLike)):
@@ -710,15 +781,28 @@ def caption(adapter, dataset: Any, *, prompt: str | None = None, max_new_tokens:
     rows = rows[:limit] if limit is not None else rows
     default = getattr(adapter, "caption_prompt", None) or CAPTION_PROMPT
     prompts = [prompt if prompt is not None else r.get("prompt", default) for r in rows]
+    if min_length is not None:
+        min_new_tokens = 0
     preds = generate_answers(adapter, [r["image"] for r in rows], prompts, max_new_tokens=max_new_tokens,
                              min_new_tokens=min_new_tokens, num_beams=num_beams, batch_size=batch_size,
-                             progress=progress)
+                             min_length=min_length, progress=progress)
     refs = [r["references"] for r in rows]
     out: dict[str, Any] = score_captions(preds, refs)
     out["n"] = len(rows)
     out["intervals"] = item_interval(caption_item_scores(preds, refs), out["cider"], "cider")
     out["predictions"] = [{"image_id": r.get("image_id", i), "caption": p} for i, (r, p) in enumerate(zip(rows, preds))]
+    out["generation"] = _generation(prompt if prompt is not None else default, num_beams, max_new_tokens,
+                                    min_new_tokens, min_length, None)
     return out
+
+
+def _generation(prompt, num_beams, max_new_tokens, min_new_tokens, min_length, length_penalty) -> dict[str, Any]:
+    """The generation settings a result records (``min_length``: transformers' count, as the official code)."""
+    g: dict[str, Any] = {"prompt": prompt, "num_beams": num_beams, "max_new_tokens": max_new_tokens}
+    g.update({"min_length": min_length} if min_length is not None else {"min_new_tokens": min_new_tokens})
+    if length_penalty is not None and num_beams > 1:
+        g["length_penalty"] = length_penalty
+    return g
 
 
 # --------------------------------------------------------------------------- perplexity
@@ -878,23 +962,55 @@ def _as_list(value: Any, what: str) -> list[str] | None:
     return [str(v) for v in value]
 
 
+def _check_data_path(data: Any, task: str) -> None:
+    folder = coop.coop_path(data)
+    if folder is not None:
+        if task != "zeroshot":
+            raise UserError(f"--data {data} is a CoOp classification dataset: it serves --task zeroshot, not {task}")
+        return  # read_coop names the missing folder or file and the DATASETS.md step
+    if isinstance(data, (str, os.PathLike)) and not Path(data).exists():
+        raise UserError(f"--data {data} does not exist: give the path of the {task} data (see data/BENCHMARKS.md)")
+
+
+def _paper_eval(task: str, data: Any, given: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """The paper preset for an evaluation, checked against the explicitly given settings (the protocol rule)."""
+    from . import protocol as P
+
+    ds = coop.read_coop(data) if coop.is_coop(data) else None
+    dataset = ds.name if ds is not None and ds.spec.section is not None else None  # one of CoOp's datasets
+    preset, notes = P.paper_eval_settings(task, dataset=dataset)
+    P.check_agreement(preset, given, family=None, target=None,
+                      scope=f"{task} on {dataset}" if dataset else task)
+    return preset, notes
+
+
 def evaluate(adapter, task: str | None = None, data: Any = None, *, limit: int | None = None,
              batch_size: int | None = None, classnames: Any = None, templates: Any = None,
              annotations: str | os.PathLike | None = None, image_root: str | os.PathLike | None = None,
              split: str | None = "test", prompt: str | None = None, max_new_tokens: int | None = None,
              num_beams: int | None = None, window: int | None = None, stride: int | None = None,
-             vqa_inference: str = "generate", answer_list: Any = None,
+             vqa_inference: str = "generate", answer_list: Any = None, protocol: str | None = None,
              progress: bool | None = None) -> dict[str, Any]:
     """Evaluate ``adapter`` on ``task`` (zeroshot, retrieval, vqav2, okvqa, gqa, caption, perplexity).
 
     ``data`` is a path in the task's standard format (data/BENCHMARKS.md), an in-memory set, or None
-    for the model's bundled held-out set (``adapter.bundled_eval_data(task)``). ``classnames`` and
-    ``templates`` are lists or files (one per line). ``window`` defaults to min(512, model context).
+    for the model's bundled held-out set (``adapter.bundled_eval_data(task)``); zero-shot also reads one of
+    CoOp's datasets (``"coop:/data/oxford_pets"``, its ``split``: test by default). ``classnames`` and
+    ``templates`` are lists or files (one per line); ``templates`` may also name a set, ``"coop"`` or
+    ``"ensemble"`` (:func:`resolve_templates`). ``window`` defaults to min(512, model context).
     VQA tasks take ``vqa_inference`` (``"generate"``, or ``"rank"``: :func:`vqa`) and, for rank,
     ``answer_list`` (a list or a file: one answer per line, or a JSON list; default: the evaluated rows' answers).
     Returns the task's metrics, ``intervals`` (``{headline metric: [low, high]}``, 95 % bootstrap over the
     evaluated items; see the module docstring) and ``predictions`` / ``clip_benchmark`` where there are some.
+
+    ``protocol="paper"`` applies :func:`ecoflap_utils.protocol.paper_eval_settings` (zero-shot: the CoOp
+    dataset's single template; VQA and captions: LAVIS's prompt, beams, lengths and transformers' ``min_length``;
+    perplexity: 2048-token windows); an explicit setting that contradicts it is refused, as in ``prune``. The
+    result then holds ``protocol`` and ``protocol_notes``.
     """
+    from . import protocol as P
+
+    protocol = P.check_protocol(protocol)
     task = resolve_task(adapter, task)
     _check_positive(limit, "limit")
     _check_positive(batch_size, "batch_size")
@@ -902,25 +1018,44 @@ def evaluate(adapter, task: str | None = None, data: Any = None, *, limit: int |
     if task not in VQA_TASKS and (vqa_inference != "generate" or answer_list is not None):
         raise UserError(f"--vqa-inference rank and --answer-list apply to the VQA tasks ({', '.join(VQA_TASKS)}), "
                         f"not to {task!r}: drop them")
-    if isinstance(data, (str, os.PathLike)) and not Path(data).exists():
-        raise UserError(f"--data {data} does not exist: give the path of the {task} data (see data/BENCHMARKS.md)")
+    _check_data_path(data, task)
     bundled = data is None
     if bundled:
         data = _bundled(adapter, task)
+    coop_data = coop.read_coop(data) if coop.is_coop(data) else None
     classnames = _as_list(classnames, "class names")
+    template_set = None
+    if isinstance(templates, str) and templates in TEMPLATE_SETS:
+        templates, template_set = resolve_templates(templates, coop_data)
     templates = _as_list(templates, "templates")
     answer_list = _as_list(answer_list, "answer list")
+    preset: dict[str, Any] = {}
+    notes: list[str] = []
+    if protocol is not None:
+        preset, notes = _paper_eval(task, coop_data if coop_data is not None else data,
+                                    {"templates": templates, "prompt": prompt, "num_beams": num_beams,
+                                     "max_new_tokens": max_new_tokens, "window": window, "stride": stride})
+    proto = {"protocol": protocol, "protocol_notes": notes} if protocol is not None else {}
     if task == "zeroshot":
         if isinstance(data, Mapping):
             classnames = classnames or data.get("classnames")
-            templates = templates or data.get("templates")
-        return zeroshot_classification(adapter, data, classnames=classnames, templates=templates,
-                                       batch_size=batch_size or 64, limit=limit,
-                                       dataset_name="bundled" if bundled else None, progress=progress)
+            if templates is None and data.get("templates") is not None:
+                templates, template_set = list(data["templates"]), "bundled"
+        if "templates" in preset:
+            templates, template_set = preset["templates"], "coop" if coop_data is not None else "coop-generic"
+        res = zeroshot_classification(adapter, coop_data if coop_data is not None else data, classnames=classnames,
+                                      templates=templates, batch_size=batch_size or 64, limit=limit,
+                                      dataset_name="bundled" if bundled else None, split=split or "test",
+                                      template_set=template_set, progress=progress)
+        return {**res, **proto}
     if task == "retrieval":
-        return retrieval(adapter, data, batch_size=batch_size or 64, limit=limit, split=split, image_root=image_root,
-                         progress=progress)
+        return {**retrieval(adapter, data, batch_size=batch_size or 64, limit=limit, split=split,
+                            image_root=image_root, progress=progress), **proto}
     gen = dict(batch_size=batch_size or 16, limit=limit, progress=progress)
+    for key in ("max_new_tokens", "num_beams", "min_length", "length_penalty"):
+        if key in preset:
+            gen[key] = preset[key]
+    prompt = preset.get("prompt", prompt)
     if max_new_tokens is not None:
         gen["max_new_tokens"] = max_new_tokens
     if num_beams is not None:
@@ -933,11 +1068,10 @@ def evaluate(adapter, task: str | None = None, data: Any = None, *, limit: int |
             else:
                 q, a = formats.find_vqa_files(data, annotations)
                 data = formats.read_vqa(q, a, image_root=image_root)
-        return vqa(adapter, data, prompt=prompt or VQA_PROMPT, metric="exact_match" if task == "gqa" else "vqa",
-                   inference=vqa_inference, answer_list=answer_list, **gen)
+        return {**vqa(adapter, data, prompt=prompt or VQA_PROMPT, metric="exact_match" if task == "gqa" else "vqa",
+                      inference=vqa_inference, answer_list=answer_list, **gen), **proto}
     if task == "caption":
-        return caption(adapter, data, prompt=prompt, image_root=image_root,
-                       split=split, **gen)
+        return {**caption(adapter, data, prompt=prompt, image_root=image_root, split=split, **gen), **proto}
     # perplexity
     # a bundled set gives the held-out text itself as a str (a Path is read as a file)
     is_text = isinstance(data, str) and bundled
@@ -945,10 +1079,12 @@ def evaluate(adapter, task: str | None = None, data: Any = None, *, limit: int |
     if not isinstance(text, str):
         raise UserError(f"perplexity needs text (a file path or a str), got {type(text).__name__}")
     ctx = model_context(adapter)
-    stats = perplexity_stats(adapter, text, window=window or min(512, ctx or 512), stride=stride, limit=limit,
+    window = window or preset.get("window") or min(512, ctx or 512)
+    stride = stride or preset.get("stride")
+    stats = perplexity_stats(adapter, text, window=window, stride=stride, limit=limit,
                              batch_size=batch_size or 1, progress=progress)
     return {"perplexity": stats["perplexity"], "tokens": stats["tokens"], "windows": stats["windows"],
-            "window": stats["window"], "stride": stats["stride"], "intervals": stats["intervals"]}
+            "window": stats["window"], "stride": stats["stride"], "intervals": stats["intervals"], **proto}
 
 
 # --------------------------------------------------------------------------- results
@@ -1005,11 +1141,15 @@ def run_evaluate(*, model: str, task: str | None = None, data: str | None = None
                  annotations: str | None = None, image_root: str | None = None, split: str | None = "test",
                  prompt: str | None = None, max_new_tokens: int | None = None, num_beams: int | None = None,
                  window: int | None = None, stride: int | None = None, vqa_inference: str = "generate",
-                 answer_list: str | None = None, overwrite: bool = False,
+                 answer_list: str | None = None, protocol: str | None = None, overwrite: bool = False,
                  progress: bool | None = None) -> dict[str, Any]:
     """The ``evaluate`` command: load ``model`` (a name or a pruned run's folder), evaluate, and write
     ``out/results.json`` (plus ``predictions.json`` / ``clip_benchmark.json``) atomically. For VQA tasks the
-    record's config holds ``vqa_inference`` and, with rank, ``answer_list`` (the file, or which list was used)."""
+    record's config holds ``vqa_inference`` and, with rank, ``answer_list`` (the file, or which list was used).
+    Zero-shot records name the ``templates`` used and their ``template_set`` (``coop``, ``ensemble``, ``given``,
+    ...), and on CoOp data the ``dataset`` and ``split``; generation records hold ``generation``; with
+    ``protocol`` the config holds ``protocol`` (and ``protocol_notes``). Bad input is refused before anything
+    is written."""
     from .io import atomic_dir, check_out_dir, write_json_atomic
     from .measure import Resources
     from .models import load_model
@@ -1022,10 +1162,17 @@ def run_evaluate(*, model: str, task: str | None = None, data: str | None = None
         raise UserError(f"unknown --vqa-inference {vqa_inference!r}: use generate or rank")
     if answer_list is not None and vqa_inference != "rank":
         raise UserError("--answer-list is only used with --vqa-inference rank: add it, or drop --answer-list")
-    for path, flag in ((data, "--data"), (classnames, "--classnames"), (templates, "--templates"),
-                       (annotations, "--annotations"), (image_root, "--image-root"), (answer_list, "--answer-list")):
+    from . import protocol as P
+
+    P.check_protocol(protocol)
+    named_templates = templates if templates in TEMPLATE_SETS else None
+    for path, flag in ((None if coop.is_coop(data) else data, "--data"), (classnames, "--classnames"),
+                       (None if named_templates else templates, "--templates"), (annotations, "--annotations"),
+                       (image_root, "--image-root"), (answer_list, "--answer-list")):
         if path is not None and not Path(path).exists():
             raise UserError(f"{flag} {path} does not exist: check the path (see data/BENCHMARKS.md)")
+    if coop.is_coop(data):
+        coop.read_coop(data).check_images(split or "test")  # a missing split file or image folder fails here
     check_out_dir(out, overwrite)
     res = Resources(device)
     with res.stage("load"):
@@ -1035,16 +1182,22 @@ def run_evaluate(*, model: str, task: str | None = None, data: str | None = None
         result = evaluate(adapter, task, data, limit=limit, batch_size=batch_size, classnames=classnames,
                           templates=templates, annotations=annotations, image_root=image_root, split=split,
                           prompt=prompt, max_new_tokens=max_new_tokens, num_beams=num_beams, window=window,
-                          stride=stride, vqa_inference=vqa_inference, answer_list=answer_list, progress=progress)
+                          stride=stride, vqa_inference=vqa_inference, answer_list=answer_list, protocol=protocol,
+                          progress=progress)
     pcfg = getattr(adapter, "pruning_config", None) or {}
     nums, extras = split_metrics(result)
     config = {"data": str(data) if data is not None else "bundled", "limit": limit, "batch_size": batch_size,
               "device": str(device), "dtype": str(dtype), "split": split}
     for key, val in (("prompt", prompt), ("max_new_tokens", max_new_tokens), ("num_beams", num_beams),
-                     ("window", window), ("stride", stride), ("classnames", classnames), ("templates", templates),
+                     ("window", window), ("stride", stride), ("classnames", classnames),
+                     ("templates_file", None if named_templates else templates),
                      ("annotations", annotations), ("image_root", image_root)):
         if val is not None:
             config[key] = val
+    for key in ("templates", "template_set", "dataset", "split", "generation", "protocol", "protocol_notes"):
+        if key in extras:
+            config[key] = extras[key]
+    config.setdefault("protocol", None)
     if task in VQA_TASKS:
         config["vqa_inference"] = result.get("inference", vqa_inference)
         if config["vqa_inference"] == "rank":

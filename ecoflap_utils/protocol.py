@@ -9,6 +9,10 @@ The rule for explicit settings: a setting given explicitly (a CLI flag, or a key
 ``None`` in :func:`~ecoflap_utils.pipeline.run_prune`) that *agrees* with the preset is accepted; one that
 *contradicts* it is refused with one line naming the flag, the preset's value and the fix (drop the flag or
 drop ``--protocol``). Settings the preset does not control take the explicit value or our default.
+
+Evaluation has its own preset (:func:`paper_eval_settings`, ``evaluate --protocol paper``): CoOp's single
+template per dataset for zero-shot CLIP, and LAVIS's generation settings for BLIP-2, with transformers'
+``min_length`` as the official code passes it. The same rule applies to its explicit flags.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ DEFAULTS: dict[str, Any] = {
     "comparison": "row", "calib_samples": 128, "batch_size": 8, "granularity": "block", "perturb": "tensor",
     "difference": "forward", "eps": 1e-3, "num_noise": 1, "variant": "grad", "first_stage_samples": 32,
     "first_stage_batch_size": 8, "max_sparsity": None, "seq_len": None, "clip_objective": "contrastive",
+    "calibration_augment": False,
 }
 #: ``max_sparsity`` in a preset: the target + 0.1 (the official ``max_sparsity_per_layer``)
 CAP_PLUS_0_1 = "target+0.1"
@@ -78,6 +83,8 @@ def paper_settings(family: str, *, method: str, allocation: str, scores: str,
     elif family == "clip":
         s.update(calib_samples=128, batch_size=16, comparison="row", first_stage_samples=32,
                  first_stage_batch_size=16, clip_objective="contrastive")  # CoOp train.py, zsclip.py, C-WANDA
+        # the pruning loader is CoOp's train loader: random resized crop + flip (configs/trainers/CoOp/vit_b16.yaml L13)
+        s["calibration_augment"] = True
         if method == "magnitude":
             notes.append("the official CLIP code has no magnitude pruner; per-row magnitude is used")
         if coarse and scores == "first":
@@ -129,13 +136,14 @@ def _show(key: str, value: Any) -> str:
 
 
 def check_agreement(preset: Mapping[str, Any], given: Mapping[str, Any], *, family: str | None,
-                    target: float | None) -> None:
-    """Refuse the first explicit setting in ``given`` (non-None values) that contradicts ``preset``."""
+                    target: float | None, scope: str | None = None) -> None:
+    """Refuse the first explicit setting in ``given`` (non-None values) that contradicts ``preset``; the message
+    says ``for {family} models`` (or ``for {scope}``)."""
     for key, value in given.items():
         if value is None or key not in preset:
             continue
         if not _same(key, value, preset[key], target):
-            who = f" for {family} models" if family else ""
+            who = f" for {scope}" if scope else (f" for {family} models" if family else "")
             raise UserError(f"--protocol paper sets {flag(key)} {_show(key, preset[key])}{who}, but "
                             f"{flag(key)} {_show(key, value)} was given: drop {flag(key)} to use the paper's "
                             f"value, or drop --protocol to use your own")
@@ -178,3 +186,46 @@ def resolve(protocol: str | None, given: Mapping[str, Any], *, family: str, meth
                       protocol_notes=notes)
     settings.update({k: v for k, v in given.items() if v is not None})
     return settings, record
+
+
+# --------------------------------------------------------------------------- evaluation
+#: LAVIS's zero-shot VQA settings (``vqav2_zeroshot_flant5xl_eval.yaml`` L39-43; ``gqa_...`` L34-38; ``okvqa_...``
+#: L37-41): ``min_len`` reaches transformers as ``min_length`` (``blip2_t5.py`` L426)
+PAPER_VQA = {"prompt": "Question: {} Short answer:", "num_beams": 5, "max_new_tokens": 10, "min_length": 1,
+             "length_penalty": -1.0}
+#: NoCaps captioning (``nocaps_flant5xl_eval.yaml`` L32-34; prompt ``blip2_caption_flant5xl.yaml`` L27):
+#: ``min_len`` 8 reaches transformers as ``min_length`` (``blip2_t5.py`` L360)
+PAPER_CAPTION = {"prompt": "a photo of", "num_beams": 5, "max_new_tokens": 30, "min_length": 8}
+
+
+def paper_eval_settings(task: str, *, dataset: str | None = None) -> tuple[dict[str, Any], list[str]]:
+    """The official evaluation settings for ``task``: ``(settings, notes)``.
+
+    * ``zeroshot``: ``{"templates": [t]}`` with ``t`` the CoOp dataset's ``ZeroshotCLIP`` template
+      (``CoOp/trainers/zsclip.py`` L13-29, L42-45; :data:`ecoflap_utils.data.coop.CUSTOM_TEMPLATES`). ``dataset``
+      is its name (a :func:`~ecoflap_utils.data.coop.find_spec` name); without one (data that is not a CoOp
+      dataset) CoOp's generic ``"a photo of a {}."``, and a note says so.
+    * ``vqav2`` / ``okvqa`` / ``gqa``: :data:`PAPER_VQA`; ``caption``: :data:`PAPER_CAPTION`. ``min_length`` is
+      transformers' ``min_length``, as ``blip2_t5.py`` passes it (L360, L426): for Flan-T5 it counts the decoder's
+      start token, so VQA's 1 imposes nothing and captioning's 8 means 7 new tokens.
+    * ``perplexity``: 2048-token non-overlapping windows (Wanda / SparseGPT's WikiText-2 protocol).
+    * ``retrieval``: nothing (the paper's Flickr30k numbers come from BLIP-2's retrieval model, not CLIP).
+    """
+    from .data import coop
+
+    notes: list[str] = []
+    if task == "zeroshot":
+        if dataset is None:
+            notes.append("not a CoOp dataset: CoOp's generic template 'a photo of a {}.' is used")
+            return {"templates": [coop.GENERIC_TEMPLATE]}, notes
+        return {"templates": [coop.template_for(dataset)]}, notes
+    if task in ("vqav2", "okvqa", "gqa"):
+        return dict(PAPER_VQA), notes
+    if task == "caption":
+        return dict(PAPER_CAPTION), notes
+    if task == "perplexity":
+        return {"window": 2048, "stride": 2048}, notes
+    if task == "retrieval":
+        notes.append("the official code has no CLIP retrieval evaluation: our defaults are used")
+        return {}, notes
+    raise UserError(f"--protocol paper has no evaluation settings for task {task!r}")

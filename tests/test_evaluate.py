@@ -493,6 +493,37 @@ def test_cli_help_documents_every_flag_and_bad_flags_raise():
         run_evaluate(model="tiny-llama", data="/nonexistent/wiki.raw", out="/tmp/never-written-ecoflap")
 
 
+def test_generation_length_as_the_official_code_under_the_paper_protocol():
+    """LAVIS passes transformers' min_length (blip2_t5.py L360, L426), which on T5 counts the decoder's start
+    token: VQA's 1 imposes nothing, captioning's 8 means 7 new tokens. Ours counts new tokens. A T5 whose LM head
+    always prefers EOS, then "a", shows each rule as the number of tokens it forces."""
+    m = load_model("tiny-blip2-t5")  # a fresh copy: its LM head is replaced
+    lm = m.model.language_model
+    eos, a = m.model.config.text_config.eos_token_id, m.tokenizer.encode("a", add_special_tokens=False)[0]
+    head = torch.nn.Linear(lm.lm_head.in_features, lm.lm_head.out_features, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[eos], head.bias[a] = 10.0, 5.0
+    lm.lm_head = head
+    size = m.model.config.vision_config.image_size
+    rows = [{"image": torch.zeros(3, size, size), "question": "what is it?", "answers": ["a"] * 10}]
+    ours = vqa(m, rows)
+    assert ours["predictions"][0]["prediction"] == "a" and ours["generation"]["min_new_tokens"] == 1
+    paper = evaluate(m, "vqav2", rows, protocol="paper")
+    assert paper["predictions"][0]["prediction"] == "" and paper["protocol"] == "paper"
+    assert paper["generation"] == {"prompt": "Question: {} Short answer:", "num_beams": 5, "max_new_tokens": 10,
+                                   "min_length": 1, "length_penalty": -1.0}
+    caps = [{"image": torch.zeros(3, size, size), "references": ["a photo of a thing"]}]
+    assert caption(m, caps)["predictions"][0]["caption"] == "a" * 8
+    official = evaluate(m, "caption", caps, protocol="paper")
+    assert official["predictions"][0]["caption"] == "a" * 7 and official["generation"]["min_length"] == 8
+    with pytest.raises(UserError, match="--protocol paper sets --num-beams 5 for vqav2, but --num-beams 3"):
+        evaluate(m, "vqav2", rows, protocol="paper", num_beams=3)
+    with pytest.raises(UserError, match="not both"):
+        generate_answers(m, [rows[0]["image"]], "x {}", min_new_tokens=2, min_length=3)
+
+
 def test_results_record_schema_keeps_numeric_metrics():
     rec = results_record("m", "wanda", 0.5, "caption", {"cider": 1.5, "bleu4": 2, "predictions": [1, 2]},
                          resources={"peak_mb": 3.0}, config={"limit": 4})

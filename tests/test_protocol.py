@@ -194,6 +194,27 @@ def test_paper_settings_per_family():
         "comparison"] == "matrix"
     for s in (b, c, llm):
         assert (s["perturb"], s["difference"], s["eps"], s["num_noise"]) == ("tensor", "central", 1e-3, 1)
+    # CLIP's pruning data is CoOp's train loader, augmented (vit_b16.yaml L13); ours is not by default
+    assert c["calibration_augment"] is True and P.DEFAULTS["calibration_augment"] is False
+    assert "calibration_augment" not in b and "calibration_augment" not in llm
+    settings, _ = P.resolve("paper", {}, family="clip", method="wanda", allocation="ecoflap", scores="zeroth",
+                            target=0.4)
+    assert settings["calibration_augment"] is True
+    assert P.resolve(None, {}, family="clip", method="wanda", allocation="ecoflap", scores="zeroth",
+                     target=0.4)[0]["calibration_augment"] is False
+
+
+def test_paper_eval_settings():
+    vqa, _ = P.paper_eval_settings("vqav2")
+    assert vqa == {"prompt": "Question: {} Short answer:", "num_beams": 5, "max_new_tokens": 10, "min_length": 1,
+                   "length_penalty": -1.0}
+    assert P.paper_eval_settings("gqa")[0] == P.paper_eval_settings("okvqa")[0] == vqa
+    assert P.paper_eval_settings("caption")[0] == {"prompt": "a photo of", "num_beams": 5, "max_new_tokens": 30,
+                                                   "min_length": 8}
+    assert P.paper_eval_settings("zeroshot", dataset="ucf101")[0] == {"templates": ["a photo of a person doing {}."]}
+    generic, notes = P.paper_eval_settings("zeroshot")
+    assert generic == {"templates": ["a photo of a {}."]} and "not a CoOp dataset" in notes[0]
+    assert P.paper_eval_settings("perplexity")[0] == {"window": 2048, "stride": 2048}
 
 
 # --------------------------------------------------------------------------- calibration from disk, LAVIS names

@@ -1,1 +1,2 @@
-"""Calibration and evaluation data: bundled sets (text, images) and standard on-disk formats."""
+"""Calibration and evaluation data: bundled sets (text, images), standard on-disk formats, and CoOp's 11
+classification datasets read from their own split files (:mod:`ecoflap_utils.data.coop`)."""

@@ -3,7 +3,8 @@
 ECoFLaP (and the layer-wise pruners it wraps) calibrate on real data, not on noise:
 
 * BLIP-2: image-caption pairs from CC3M with BLIP-2's prefix-LM loss (Flan-T5) or captioning loss (OPT);
-* CLIP: the *train* split of each downstream classification set, each image with its class prompt;
+* CLIP: the *train* split of each downstream classification set, each image with its class prompt (CoOp's
+  11 datasets read from their own split files, ``coop:/data/oxford_pets``: :mod:`ecoflap_utils.data.coop`);
 * LLaMA-family LMs: 128 windows of 2048 tokens of C4, sampled as Wanda / SparseGPT do.
 
 This module reads *items* (no model needed) from the common on-disk layouts, chooses ``n`` of them with
@@ -24,7 +25,13 @@ webdataset  tar shards as img2dataset writes them (``KEY.jpg`` + ``KEY.txt`` [+ 
 text        a plain text file (WikiText-style): one document
 jsonl       JSON lines with a ``text`` field, optionally gzipped (C4's ``c4-train.00000-of-01024.json.gz``)
 imagefolder an ImageFolder train split (one folder per class) for CLIP
+coop        the train split of one of CoOp's datasets (``coop:/data/oxford_pets``, or the folder with
+            ``format="coop"``), read as CoOp's readers do (:func:`ecoflap_utils.data.coop.read_coop`)
 ========== =====================================================================================
+
+CLIP images may be augmented with CoOp's training transform (``augment=True``: random resized crop + flip,
+drawn once per image from the seed, :func:`ecoflap_utils.data.coop.augment_image`), as the official pruning
+data loader does; ``--protocol paper`` asks for it (``ecoflap_utils.protocol`` ``calibration_augment``).
 """
 from __future__ import annotations
 
@@ -45,10 +52,10 @@ from typing import Any, Iterable, Sequence
 from ..errors import UserError
 from .formats import PATH_COLUMNS, _field, read_image_folder, read_json_file
 
-FORMATS = ("coco", "karpathy", "csv", "webdataset", "text", "jsonl", "imagefolder")
+FORMATS = ("coco", "karpathy", "csv", "webdataset", "text", "jsonl", "imagefolder", "coop")
 PAIR_FORMATS = ("coco", "karpathy", "csv", "webdataset")
 TEXT_FORMATS = ("text", "jsonl")
-CLASS_FORMATS = ("imagefolder",)
+CLASS_FORMATS = ("imagefolder", "coop")
 CAPTION_COLUMNS = ("caption", "text", "title", "sentence", "raw")
 #: Karpathy rows used for calibration: the Karpathy training images (BLIP's 113k = train + restval)
 KARPATHY_TRAIN_SPLITS = ("train", "restval")
@@ -132,12 +139,16 @@ def _missing_path(path: Any) -> UserError:
 def detect_format(path: str | os.PathLike) -> str:
     """The format of ``path`` from its name (and, for ``.json``, its content); see the module docstring."""
     s = str(path)
+    if s.startswith("coop:"):
+        return "coop"
     if _has_braces(s) or _has_glob(s):
         return "webdataset"
     p = Path(s)
     if not p.exists():
         raise _missing_path(path)
     if p.is_dir():
+        if _is_coop_folder(p):
+            return "coop"
         has_dirs = any(c.is_dir() and not c.name.startswith(".") for c in p.iterdir())
         if not has_dirs and any(p.glob("*.tar")):
             return "webdataset"
@@ -155,6 +166,14 @@ def detect_format(path: str | os.PathLike) -> str:
         return _json_kind(read_json_file(p, "calibration JSON"), p)
     raise UserError(f"cannot tell the calibration format of {p} from its name: pass the format, one of "
                     f"{', '.join(FORMATS)}")
+
+
+def _is_coop_folder(p: Path) -> bool:
+    """A folder in CoOp's layout: a ``split_zhou_*.json``, FGVCAircraft's lists or ImageNet's ``classnames.txt``
+    beside ``images/train`` (an ImageFolder reading of it would take ``images/`` for a class)."""
+    return (any(p.glob("split_zhou_*.json"))
+            or ((p / "variants.txt").is_file() and (p / "images_variant_train.txt").is_file())
+            or ((p / "classnames.txt").is_file() and (p / "images" / "train").is_dir()))
 
 
 def _json_kind(obj: Any, path: Path) -> str:
@@ -469,6 +488,29 @@ def sample_classes(path: str | os.PathLike, n: int, seed: int = 0) -> tuple[list
     return items, list(ds.classnames), rec
 
 
+def sample_coop(data: Any, n: int, seed: int = 0, *, split: str = "train", dataset: str | None = None
+                ) -> tuple[list[dict], Any, dict]:
+    """``n`` items ``{"id", "image", "label"}`` of a split of one of CoOp's datasets (the pruning data of
+    ``ZeroshotCLIP`` is the train split, ``CoOp/trainers/zsclip.py`` L52-61), chosen with :func:`choose` like
+    every calibration source; ``id`` is the image's path relative to the dataset folder. Returns the items, the
+    :class:`~ecoflap_utils.data.coop.CoOpDataset` and the source record (``dataset``, ``split``, ``classes``,
+    ``available``)."""
+    from .coop import read_coop
+
+    ds = read_coop(data, dataset=dataset)
+    items = ds.split(split)
+    ds.check_images(split)
+    picked = choose(len(items), n, seed, f"the {split} split of {ds.name} ({ds.root})")
+    out = []
+    for i in picked:
+        it = items[i]
+        out.append({"id": os.path.relpath(it.path, ds.root).replace(os.sep, "/"), "image": it.path,
+                    "label": it.label})
+    rec = source_record(ds.source, "coop", [o["id"] for o in out], seed, dataset=ds.name, split=split,
+                        available=len(items), classes=len(ds.classnames))
+    return out, ds, rec
+
+
 # --------------------------------------------------------------------------- text
 def read_documents(path: str | os.PathLike, format: str | None = None) -> list[str]:
     """Documents of a text source: a plain text file is one document; JSON lines (or a JSON list) give one
@@ -583,9 +625,17 @@ def sample_windows(tokenizer, documents: Sequence[str], n: int, seq_len: int, se
 
 
 # --------------------------------------------------------------------------- entry point
+def _augmented(items: list[dict], size: int, seed: int) -> list[dict]:
+    """``items`` with each image replaced by CoOp's training transform of it (:func:`coop.augment_image`)."""
+    from .coop import augment_image
+
+    return [{**it, "image": augment_image(it["image"], size=size, seed=seed, key=str(it["id"]))} for it in items]
+
+
 def load_calibration(adapter, path: str | os.PathLike, *, n: int, seed: int = 0, format: str | None = None,
                      image_root: str | os.PathLike | None = None, seq_len: int | None = None,
-                     template: str | None = None, clip_objective: str = "contrastive") -> tuple[list[Any], dict]:
+                     template: str | None = None, clip_objective: str = "contrastive",
+                     augment: bool = False) -> tuple[list[Any], dict]:
     """Calibration samples for ``adapter`` read from ``path``, and the record of what was read.
 
     The samples are what ``adapter.batches()`` / ``adapter.loss()`` take, so both stages use them exactly like
@@ -593,18 +643,27 @@ def load_calibration(adapter, path: str | os.PathLike, *, n: int, seed: int = 0,
 
     * ``blip2``: ``n`` image-caption pairs (``coco``, ``karpathy``, ``csv``, ``webdataset``) through
       ``adapter.samples_from_pairs`` (Flan-T5: LAVIS's prefix-LM split; OPT / decoder-only: caption + ``"\\n"``);
-    * ``clip``: image-caption pairs (symmetric contrastive loss), or an ImageFolder train split whose images
-      are paired with their class prompt ``template.format(classname)`` (``clip_objective="contrastive"``,
-      CoOp/ECoFLaP's ``zsclip.py``) or scored against the prompts of all classes (``"classes"``);
+    * ``clip``: image-caption pairs (symmetric contrastive loss), or a labelled train split (an ImageFolder, or
+      one of CoOp's datasets: ``coop:/data/oxford_pets``, read by :func:`sample_coop`)
+      whose images are paired with their class prompt ``template.format(classname)``
+      (``clip_objective="contrastive"``, CoOp/ECoFLaP's ``zsclip.py``) or scored against the prompts of all
+      classes (``"classes"``). ``template`` defaults to the CoOp dataset's own (``CUSTOM_TEMPLATES``,
+      ``zsclip.py`` L13-29; class names with ``_`` as spaces, L77), else ``"a photo of a {}."``.
+      ``augment=True`` passes every image through CoOp's training transform first (random resized crop + flip,
+      drawn once per image from ``seed`` and the image's id: :func:`ecoflap_utils.data.coop.augment_image`);
     * ``causal_lm``: ``n`` windows of ``seq_len`` (default ``adapter.seq_len``) tokens of ``text`` / ``jsonl``
       documents, sampled as Wanda's ``get_c4``.
 
     The record is ``{"path", "format", "count", "seed", "ids_sha256", ...}`` (plus ``available`` items, and
-    ``seq_len`` / ``template`` / ``objective`` where they apply).
+    ``seq_len`` / ``template`` / ``objective`` / ``augmentation`` where they apply; a CoOp source adds
+    ``dataset``, ``split`` and ``classes``).
     """
     _check_n(n)
     fmt = check_format(format) or detect_format(path)
     family = getattr(adapter, "family", None)
+    if augment and family != "clip":
+        raise UserError(f"training augmentation of calibration images is implemented for CLIP (CoOp's random resized "
+                        f"crop + flip), but {getattr(adapter, 'name', adapter)} is a {family} model: drop it")
     if family == "causal_lm":
         if fmt not in TEXT_FORMATS:
             raise UserError(f"{adapter.name} is a language model and calibrates on text, but {path} is {fmt!r} "
@@ -623,19 +682,38 @@ def load_calibration(adapter, path: str | os.PathLike, *, n: int, seed: int = 0,
         items, rec = sample_pairs(path, n, seed, format=fmt, image_root=image_root)
         return adapter.samples_from_pairs(items, seed), rec
     if family == "clip":
+        size = int(getattr(adapter, "image_size", 224))
         if fmt in PAIR_FORMATS:
             items, rec = sample_pairs(path, n, seed, format=fmt, image_root=image_root)
+            if augment:
+                items = _augmented(items, size, seed)
+            rec["augmentation"] = _augmentation(augment, size, seed)
             return adapter.samples_from_pairs(items, seed), rec
         if fmt in CLASS_FORMATS:
             if clip_objective not in CLIP_OBJECTIVES:
                 raise UserError(f"unknown CLIP calibration objective {clip_objective!r}: use one of "
                                 f"{', '.join(CLIP_OBJECTIVES)}")
-            template = DEFAULT_TEMPLATE if template is None else str(template)
-            fill_template(template, "x")  # a template without a slot for the class name fails here
-            items, classnames, rec = sample_classes(path, n, seed)
+            if template is not None:
+                fill_template(str(template), "x")  # a template without a slot for the class name fails here
+            if fmt == "coop":
+                items, ds, rec = sample_coop(path, n, seed)
+                classnames = ds.prompt_classnames
+                template = ds.template if template is None else str(template)
+            else:
+                template = DEFAULT_TEMPLATE if template is None else str(template)
+                items, classnames, rec = sample_classes(path, n, seed)
+            if augment:
+                items = _augmented(items, size, seed)
             samples = adapter.samples_from_classes(items, classnames, template, objective=clip_objective)
-            rec.update(template=template, objective=clip_objective)
+            rec.update(template=template, objective=clip_objective, augmentation=_augmentation(augment, size, seed))
             return samples, rec
         raise UserError(f"{adapter.name} is a CLIP model and calibrates on images, but {path} is {fmt!r} data: use an "
-                        f"ImageFolder train split or image-caption pairs ({', '.join(PAIR_FORMATS)})")
+                        f"ImageFolder train split, a CoOp dataset (coop:/data/oxford_pets) or image-caption pairs "
+                        f"({', '.join(PAIR_FORMATS)})")
     raise UserError(f"{getattr(adapter, 'name', adapter)} (family {family!r}) cannot calibrate on data from disk")
+
+
+def _augmentation(augment: bool, size: int, seed: int) -> dict | str:
+    from .coop import augmentation_record
+
+    return augmentation_record(size, seed) if augment else "none (the model's evaluation transform)"
