@@ -49,6 +49,7 @@ from typing import Any, Mapping, Sequence
 
 from .errors import UserError
 from .io import write_json_atomic, write_text_atomic
+from .records import check_seeds
 from .records import CORE_COLUMNS, interval_bounds, is_metric_column, records_frame  # noqa: F401  (re-exported)
 
 COMPLETE = ".complete"
@@ -235,6 +236,10 @@ def _expand_entry(entry, at: str, bases: Sequence[Path]) -> list[RunSpec]:
             raise UserError(f"{at}.grid.{k} must be a list of values, got {vals!r}: write {k}: [{_value_text(vals)}]")
         if not vals:
             raise UserError(f"{at}.grid.{k} is an empty list, so the grid has no runs: give at least one value")
+    if "SEEDS" in params:  # refused before anything runs, as the notebook would refuse it
+        check_seeds(params["SEEDS"], f"{at}.parameters.SEEDS")
+    for v in grid.get("SEEDS") or []:
+        check_seeds(v, f"{at}.grid.SEEDS")
     template = entry.get("name")
     if template is not None and not isinstance(template, str):
         raise UserError(f"{at}.name must be a string template such as '{{notebook}}/{{method}}-{{sparsity}}'")

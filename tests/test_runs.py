@@ -475,3 +475,17 @@ def test_set_style_sets_readable_colourblind_defaults():
         assert mpl.rcParams["axes.grid"] and mpl.rcParams["figure.constrained_layout.use"]
         assert mpl.rcParams["font.size"] >= 10 and mpl.rcParams["savefig.dpi"] == 150
         assert mpl.rcParams["axes.prop_cycle"].by_key()["color"][:3] == list(plots.OKABE_ITO[:3])
+
+
+@pytest.mark.parametrize("seeds,message", [([], "parameters.SEEDS is []"),
+                                           ([0, "a"], "parameters.SEEDS holds 'a', not an integer"),
+                                           ([1, 1], "which repeats a seed")])
+def test_a_bad_seed_list_is_refused_before_anything_runs(tmp_path, capsys, seeds, message):
+    from ecoflap_utils import cli
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(f"notebook: {TOY}\nparameters: {{model: toy, SEEDS: {seeds!r}}}\n")
+    code = cli.main(["runs", str(grid), "--out", str(tmp_path / "out"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
