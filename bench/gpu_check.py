@@ -2,6 +2,7 @@
 
     bash bench/gpu_check.sh                 # on a machine with an NVIDIA GPU, no network needed
     python bench/gpu_check.py --scale tiny  # the same code path on a CPU, in seconds (a smoke check)
+    python bench/gpu_check.py --device-map  # only the GPU + CPU split stage below (skipped without a GPU)
 
 Stages, at the paper's settings (32 first-stage samples in batches of 8, 128 fine-stage samples,
 synthetic 224x224 images and captions of COCO-like length), each also as a ratio to the first:
@@ -11,6 +12,10 @@ synthetic 224x224 images and captions of COCO-like length), each also as a ratio
   3. zeroth-order, per block, forward difference, cached prefixes;
   4. first-order scores (plain autograd), then low-memory first-order (``memory="low"``);
   5. uniform Wanda 50% (fine stage only), if the time budget allows.
+``--device-map`` runs instead one stage of its own (:func:`device_map_check`): tiny-llama and tiny-blip2-t5
+spread over the GPU and the CPU by ``load_model(..., device_map="auto", max_memory=...)`` (GPU 0 given half
+the model, the rest offloaded to CPU memory by accelerate), pruned with Wanda and SparseGPT and scored by the
+coarse stage, against the same model on the GPU alone: masks, weights and block scores must be equal.
 Each prints wall time and peak CUDA memory next to the paper's figures (Wanda 8.87 GB / 240 s;
 zeroth-order 8.94 GB / 6,115 s; first-order 22.37 GB / 450 s; one A100 or A6000). Where a full stage
 would not fit the time budget, it runs a seeded sample of the perturbation units and scales the time
@@ -153,10 +158,85 @@ def measure(device: str, fn):
     return out, time.perf_counter() - t0, peak
 
 
+def split_memory(model, gpu: int = 0) -> dict:
+    """``max_memory`` that puts about half of ``model`` on GPU ``gpu`` and the rest in CPU memory (bytes)."""
+    from accelerate.utils import compute_module_sizes
+
+    size = compute_module_sizes(model)[""]
+    return {gpu: size // 2, "cpu": 4 * size + (1 << 30)}
+
+
+def device_map_check(models=("tiny-llama", "tiny-blip2-t5"), methods=("wanda", "sparsegpt"), *, device: str = "cuda",
+                     split=None) -> int:
+    """Issue 19, part 3 on a GPU: a model split over the GPU and the CPU (``max_memory``) prunes and scores
+    exactly as on ``device`` alone, and ``finetune`` refuses its offloaded weights. Returns 1 when anything
+    differs; skipped (0) without a GPU. ``split(name)`` builds the spread model (default: ``load_model`` with
+    ``device_map="auto"`` and :func:`split_memory`; another placement lets the comparison run on a CPU)."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print("device-map stage: skipped (no GPU)", flush=True)
+        return 0
+    from ecoflap_utils import UserError, load_model, prune
+    from ecoflap_utils.coarse import coarse_stage
+    from ecoflap_utils.finetune import finetune
+    from ecoflap_utils.models.devices import offloaded_names, weight_tensor
+
+    def values(a):
+        return {w: weight_tensor(a.model, w).detach().float().cpu() for w in a.layer_names(a.stacks())}
+
+    if split is None:
+        def split(name):
+            return load_model(name, device_map="auto", max_memory=split_memory(load_model(name).model))
+
+    bad = []
+    t0 = time.time()
+    for name in models:
+        probe = split(name)
+        placed = list(dict.fromkeys(str(v) for v in probe.model.hf_device_map.values()))
+        off = offloaded_names(probe.model, probe.layer_names(probe.stacks()))
+        print(f"  {name}: device map over {placed}; {len(off)} of {len(probe.layer_names(probe.stacks()))} pruned "
+              f"weights offloaded to the CPU; batches go to {probe.input_device()}", flush=True)
+        if len(placed) < 2 or not off:
+            bad.append(f"{name}: max_memory did not split the model over the GPU and the CPU ({placed})")
+            continue
+        for method in methods:
+            single, spread = load_model(name, device=device), split(name)
+            kw = dict(method=method, calib_samples=16, batch_size=4, progress=False)
+            ref, got = prune(single, 0.5, **kw), prune(spread, 0.5, **kw)
+            same = sum(torch.equal(ref.masks[w], got.masks[w]) for w in ref.masks)
+            a, b = values(single), values(spread)
+            diff = max(float((a[w] - b[w]).abs().max()) for w in a)
+            print(f"  {name} {method}: {same}/{len(ref.masks)} masks identical, max weight difference {diff:.3g}, "
+                  f"sparsity {got.actual_sparsity:.4f} vs {ref.actual_sparsity:.4f}", flush=True)
+            if same != len(ref.masks) or diff != 0.0:
+                bad.append(f"{name} {method}: masks or weights differ from the single-GPU run")
+        single, spread = load_model(name, device=device), split(name)
+        kw = dict(target=0.5, samples=8, batch_size=4, progress=False)
+        ref, got = coarse_stage(single, **kw)["scores"], coarse_stage(spread, **kw)["scores"]
+        rel = max(abs(got[g] - ref[g]) / max(abs(ref[g]), 1e-30) for g in ref)
+        print(f"  {name} coarse stage (zeroth order): {len(ref)} block scores, max relative difference {rel:.3g}",
+              flush=True)
+        if got != ref:
+            bad.append(f"{name}: coarse-stage block scores differ from the single-GPU run")
+        stack = spread.block_of()[off[0]].stack  # a stack that holds offloaded weights
+        try:
+            finetune(spread, steps=1, lr=1e-4, batch_size=2, stacks=[stack], progress=False)
+            bad.append(f"{name}: finetune trained offloaded weights instead of refusing")
+        except UserError as e:
+            print(f"  {name} finetune on offloaded weights refused: {e}", flush=True)
+    print(f"device-map stage: {'FAILED: ' + '; '.join(bad) if bad else 'all equal to the single-GPU run'} "
+          f"({time.time() - t0:.0f} s, {torch.cuda.get_device_name() if device.startswith('cuda') else device})",
+          flush=True)
+    return 1 if bad else 0
+
+
 def main(argv=None) -> int:
     from ecoflap_utils import prune
     from ecoflap_utils.scores import compute_scores, count_units
 
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--device-map" in argv:
+        return device_map_check()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--scale", default="full", choices=["full", "tiny"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -164,6 +244,8 @@ def main(argv=None) -> int:
     p.add_argument("--budget-s", type=float, default=480, help="time budget: later stages are skipped past it")
     p.add_argument("--paper-units", type=int, default=8, help="tensors timed for the paper's implementation")
     p.add_argument("--ours-units", type=int, default=None, help="tensors timed for ours, per tensor (default: all)")
+    p.add_argument("--device-map", action="store_true",
+                   help="run only the GPU + CPU split stage (device_map_check); skipped without a GPU")
     a = p.parse_args(argv)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[a.dtype]
     t_start = time.time()

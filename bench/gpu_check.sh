@@ -7,4 +7,8 @@ PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+# a model split over the GPU and the CPU (max_memory) must prune and score as on the GPU alone (skipped without a GPU)
+split_rc=0
+"$PY" bench/gpu_check.py --device-map || split_rc=$?
 "$PY" bench/gpu_check.py --scale full --device cuda --dtype bfloat16 "$@"
+exit "$split_rc"

@@ -55,6 +55,7 @@ from tqdm.auto import tqdm
 
 from .errors import UserError
 from .models.base import ModelAdapter, to_device
+from .models.devices import offloaded_names, weight_tensor
 
 #: stacks trained when the caller names none, by model family
 DEFAULT_STACKS = {"blip2": ("qformer",), "clip": ("vision", "text_encoder"), "causal_lm": ("lm",)}
@@ -164,7 +165,7 @@ def pruning_masks(adapter: ModelAdapter, names: Iterable[str] | None = None) -> 
     out = {}
     with torch.no_grad():
         for name in sorted(chosen):
-            keep = adapter.parameter(name) != 0
+            keep = weight_tensor(adapter.model, name) != 0
             if not bool(keep.all()):
                 out[name] = keep
     return out
@@ -533,6 +534,11 @@ def finetune(adapter: ModelAdapter, data: Any = None, *, steps: int, lr: float,
     ``eval_fn(step, adapter) -> metrics`` runs in eval mode before training, every ``eval_every`` steps and at
     the end. Deterministic given ``seed``. The model is left in eval mode with its ``requires_grad`` flags
     restored, also when training is interrupted.
+
+    A model accelerate spread over several devices (``load_model(..., device_map=...)``) trains where it lies:
+    batches go to its main device, its hooks carry activations and gradients between devices, and each mask
+    sits next to its weight. Weights accelerate offloaded to the CPU are refused (they are parameters only
+    during their own forward, so no gradient reaches them).
     """
     _check_number(steps, "steps", positive=True, integer=True)
     _check_number(lr, "learning rate", positive=True)
@@ -552,6 +558,11 @@ def finetune(adapter: ModelAdapter, data: Any = None, *, steps: int, lr: float,
     trained_names = [n for s in chosen for n in by_stack[s]]
     if not trained_names:
         raise UserError(f"stacks {chosen} of {adapter.name} hold no parameter to train")
+    off = offloaded_names(model, trained_names)
+    if off:
+        raise UserError(f"accelerate offloaded {len(off)} of the weights to train ({off[0]} first) to the CPU, where "
+                        "they exist only during their forward and get no gradient: load the model with a device map "
+                        "that keeps the trained stacks on GPUs (more max_memory), or train fewer --stacks")
     params = dict(model.named_parameters())
     trained = {n: params[n] for n in trained_names}
     if masks is None:
@@ -578,7 +589,8 @@ def finetune(adapter: ModelAdapter, data: Any = None, *, steps: int, lr: float,
         "dense": masks is not None and not keep,
     }
     result = FinetuneResult(config=config, masks={k: v.cpu() for k, v in keep.items()})
-    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    used = {p.device for p in trained.values()} | {device}  # every GPU a dispatched model computes on
+    rng_devices = sorted({d.index or 0 for d in used if d.type == "cuda"})
 
     def enforce() -> None:
         with torch.no_grad():
@@ -678,7 +690,7 @@ def zero_pattern(adapter: ModelAdapter, names: Iterable[str] | None = None) -> d
     """``{weight name: weight == 0}`` for the prunable weights (all of them, or ``names``), on the CPU."""
     chosen = adapter.layer_names(adapter.stacks()) if names is None else list(names)
     with torch.no_grad():
-        return {n: (adapter.parameter(n) == 0).cpu() for n in chosen}
+        return {n: (weight_tensor(adapter.model, n) == 0).cpu() for n in chosen}
 
 
 # --------------------------------------------------------------------------- the command
@@ -712,13 +724,15 @@ def run_finetune(*, model: str, steps: int, out: str | os.PathLike, lr: float = 
                  stacks: str | Sequence[str] | None = None,
                  batch_size: int = 16, weight_decay: float = 0.0, warmup: float | int = 0.1, seed: int = 0,
                  dense: bool = False, device: str = "cpu", autocast: bool = False, overwrite: bool = False,
-                 progress: bool | None = None) -> dict[str, Any]:
+                 progress: bool | None = None, device_map: str | dict | None = None,
+                 max_memory: dict | None = None) -> dict[str, Any]:
     """The ``finetune`` command: load a pruned run, fine-tune it (masked) and write a run like ``prune``'s.
 
     Writes (atomically) ``model/`` or ``model.safetensors``, ``pruning_config.json`` (the input's settings
     plus a ``"finetune"`` entry), ``sparsity_report.csv`` (the input's, unchanged: the zeros are kept), the
     input's ``sparsity_dict.json`` / ``scores.json`` when present, ``resources.json`` (the input's stages plus
     ``finetune``) and ``loss_curve.json``. Every check on the input happens before anything is written.
+    ``device_map`` / ``max_memory`` spread the model over devices (``models.load_model``; disk is refused).
     """
     from .io import atomic_dir, check_out_dir, library_versions, read_json, save_pruned, write_json_atomic
     from .measure import Resources
@@ -729,6 +743,9 @@ def run_finetune(*, model: str, steps: int, out: str | os.PathLike, lr: float = 
     _check_number(batch_size, "--batch-size", positive=True, integer=True)
     _check_number(weight_decay, "--weight-decay", positive=False)
     warmup_steps(warmup, steps)
+    from .models.devices import check_device_map
+
+    check_device_map(device_map)
     src = Path(model)
     is_run = _is_run(src)
     cfg_in: dict[str, Any] = read_json(src / "pruning_config.json") if is_run else {}
@@ -757,7 +774,8 @@ def run_finetune(*, model: str, steps: int, out: str | os.PathLike, lr: float = 
         rows = read_finetune_rows(cfg_in["family"], data, annotations=annotations, image_root=image_root)
 
     with _quiet_hub_bars():
-        adapter = load_model(str(model), device=device, dtype=cfg_in.get("dtype", "float32"))
+        adapter = load_model(str(model), device=device, dtype=cfg_in.get("dtype", "float32"), device_map=device_map,
+                             max_memory=max_memory)
     chosen = resolve_stacks(adapter, stacks)
     if data is not None and rows is None:
         rows = read_finetune_rows(adapter.family, data, annotations=annotations, image_root=image_root)

@@ -96,7 +96,8 @@ def run_prune(*, model: str, method: str = "wanda", sparsity: float | None = 0.5
               calibration_format: str | None = None, image_root: str | None = None,
               calibration_template: str | None = None, clip_objective: str | None = None,
               seq_len: int | None = None, lavis_names: bool = False, out: str, overwrite: bool = False,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, device_map: str | dict | None = None,
+              max_memory: dict | None = None) -> dict[str, Any]:
     """Prune ``model`` and write the run to ``out``; see ``python -m ecoflap_utils prune --help``.
 
     Settings a protocol controls (``comparison``, ``calib_samples``, ``batch_size``, ``granularity``, ``perturb``,
@@ -106,6 +107,8 @@ def run_prune(*, model: str, method: str = "wanda", sparsity: float | None = 0.5
     model's family; an explicit value that contradicts the preset is refused (:mod:`ecoflap_utils.protocol`).
     ``calibration`` is a path read by :func:`ecoflap_utils.data.calibration.load_calibration` for both stages
     (``calib_samples`` items for the fine stage, ``first_stage_samples`` for the coarse stage, the same seed).
+    ``device_map`` / ``max_memory`` spread the model over devices with accelerate (``models.load_model``); a map
+    that offloads to disk is refused before anything is loaded or written.
     """
     from . import protocol as P
     from .data.calibration import CLIP_OBJECTIVES, check_format
@@ -135,14 +138,19 @@ def run_prune(*, model: str, method: str = "wanda", sparsity: float | None = 0.5
         if val is not None and calibration is None:
             raise UserError(f"{opt} describes the data of --calibration: give --calibration PATH too, or drop {opt}")
     P.precheck(protocol, given, method=method, allocation=allocation, scores=scores, target=sparsity)
-    check_out_dir(out, overwrite)
     from .models import load_model
+    from .models.devices import check_device_map
+
+    check_device_map(device_map)
+    if max_memory is not None and not device_map:
+        raise UserError("max_memory bounds what a device map puts on each device: give device_map='auto' with it")
+    check_out_dir(out, overwrite)
 
     res = Resources(device)
     coarse: dict[str, Any] = {}
     with atomic_dir(out, overwrite) as tmp:
         with res.stage("load"):
-            adapter = load_model(model, device=device, dtype=dtype)
+            adapter = load_model(model, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
         family = getattr(adapter, "family", None)
         if lavis_names and family != "blip2":
             raise UserError(f"--lavis-names writes LAVIS (BLIP-2) parameter names, but {adapter.name} is a "
@@ -163,7 +171,7 @@ def run_prune(*, model: str, method: str = "wanda", sparsity: float | None = 0.5
 
             return load_calibration(adapter, calibration, n=n, seed=seed, format=calibration_format,
                                     image_root=image_root, seq_len=cfg["seq_len"], template=calibration_template,
-                                    clip_objective=cfg["clip_objective"])
+                                    clip_objective=cfg["clip_objective"], augment=cfg["calibration_augment"])
 
         fine_calib = fine_rec = first_calib = first_rec = None
         if calibration is not None:  # both stages read before any work, so bad data fails fast
@@ -205,6 +213,9 @@ def run_prune(*, model: str, method: str = "wanda", sparsity: float | None = 0.5
         run_cfg = {"allocation": "sparsity_dict" if sparsity_dict else allocation,
                    "requested_sparsity": sparsity, "stacks": list(stacks) if stacks else None,
                    "device": str(device), **proto_rec}
+        if device_map:
+            placed = getattr(adapter.model, "hf_device_map", None) or device_map
+            run_cfg["device_map"] = {k: str(v) for k, v in placed.items()} if isinstance(placed, dict) else placed
         if fine_rec is not None:
             run_cfg["calibration"] = fine_rec
         if family == "causal_lm":

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from .capture import capture_calls, first_output, run_block, stack_groups
 from .errors import CalibrationError, UserError
 from .models.base import ModelAdapter
+from .models.devices import weight_tensor
 from .stats import input_statistics, wanda_scores
 
 METHODS = ("wanda", "sparsegpt", "magnitude")
@@ -278,6 +279,13 @@ def prune(adapter: ModelAdapter, sparsity: float | Mapping[str, float] | None = 
     (default: the adapter's default stacks, the vision encoder and the language model for BLIP-2).
     ``on_scores(weight name, scores)`` (Wanda) sees each weight's importance tensor just before
     its mask is chosen, for example to keep the authors' per-tensor "local score" (``lessons``).
+
+    A model that ``load_model(..., device_map=...)`` spread over devices with accelerate is pruned where it lies:
+    each block runs on its own device with its recorded inputs moved there (``capture.run_block``), its
+    statistics are gathered there (``stats.input_statistics``), and masks and SparseGPT's updates are written
+    into the tensor that holds each weight (``models.devices.weight_tensor``: the parameter, or the CPU copy of
+    an offloaded one). locuslab/wanda ``lib/prune.py`` does the first step by hand for LLaMA-30B/65B (lines
+    64-65 and 142-144: the inputs follow ``model.hf_device_map``); the masks equal a single-device run's.
     """
     if method not in METHODS:
         raise UserError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -303,10 +311,10 @@ def prune(adapter: ModelAdapter, sparsity: float | Mapping[str, float] | None = 
     show = None if progress in (None, True) else True  # tqdm's disable: None = only on a terminal
 
     def apply(name: str, prune_mask: torch.Tensor, new_weight: torch.Tensor | None = None) -> None:
-        p = model.get_parameter(name)
+        p = weight_tensor(model, name)  # where the values live (an offloaded weight's CPU copy)
         with torch.no_grad():
             if new_weight is not None:
-                p.copy_(new_weight.to(p.dtype))
+                p.copy_(new_weight.to(device=p.device, dtype=p.dtype))
             p[prune_mask.to(p.device)] = 0
         if return_masks:
             result.masks[name] = (~prune_mask).cpu()
@@ -318,13 +326,13 @@ def prune(adapter: ModelAdapter, sparsity: float | Mapping[str, float] | None = 
                             f"layers ask for {len(levels)} different sparsities: use --allocation uniform")
         if to_prune:
             names = list(to_prune)
-            masks = global_magnitude_masks([model.get_parameter(n) for n in names], levels[0])
+            masks = global_magnitude_masks([weight_tensor(model, n) for n in names], levels[0])
             for name, m in zip(names, masks):
                 apply(name, m)
         result.config["calib_samples"] = 0
     elif method == "magnitude":
         for name, s in tqdm(to_prune.items(), desc="magnitude", disable=show, leave=False):
-            w = model.get_parameter(name)
+            w = weight_tensor(model, name)
             apply(name, select_prune_mask(w.detach().float().abs(), s, nm=nm_t,
                                           comparison=comparison_of(block_of[name].stack)))
         result.config["calib_samples"] = 0
@@ -361,15 +369,16 @@ def _prune_stack(adapter, blocks, batches, to_prune, method, nm_t, comparison, b
                     for b, call in enumerate(calls):
                         run_block(block, call[i], hidden[b])
             for w in layers:
-                W = adapter.model.get_parameter(w)
-                st = stats[w]
+                W = weight_tensor(adapter.model, w)
+                st = stats[w]  # on the device where the layer computes; the scores and updates are made there
                 if method == "wanda":
                     score = wanda_scores(W, st.sq)
                     if on_scores is not None:
                         on_scores(w, score)
                     apply(w, select_prune_mask(score, to_prune[w], nm=nm_t, comparison=comparison))
                 else:
-                    new, mask = sparsegpt_prune(W, st.H, to_prune[w], nm=nm_t, blocksize=blocksize, percdamp=percdamp)
+                    new, mask = sparsegpt_prune(W.to(st.H.device), st.H, to_prune[w], nm=nm_t, blocksize=blocksize,
+                                                percdamp=percdamp)
                     apply(w, mask, new)
                 del stats[w]
         if i < len(blocks) - 1:  # the pruned outputs feed the next block
@@ -384,7 +393,7 @@ def sparsity_report(adapter: ModelAdapter, per_layer: Mapping[str, float]) -> li
     block_of = adapter.block_of()
     rows = []
     for name, target in per_layer.items():
-        p = adapter.model.get_parameter(name)
+        p = weight_tensor(adapter.model, name)
         b = block_of[name]
         rows.append({"name": name, "block": b.name, "stack": b.stack, "modality": b.modality,
                      "params": p.numel(), "target_sparsity": float(target),

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from .capture import hooks, replaced_forward
 from .errors import CalibrationError, UserError
 from .models.base import ModelAdapter
+from .models.devices import offloaded_names, weight_tensor
 
 SCORE_METHODS = ("zeroth", "first", "jvp", "magnitude")
 GRANULARITIES = ("layer", "block", "module")
@@ -287,6 +288,12 @@ def estimate_scores(adapter: ModelAdapter, method: str = "zeroth", calibration: 
     perturbation, as the paper's code does (for comparison only). Every group sees the same calibration
     batches. ``units`` restricts the work to those perturbation units (indices in model order; for timing
     samples in bench/).
+
+    On a model accelerate spread over devices (``load_model(..., device_map=...)``) every forward runs through
+    its hooks, blocks replay on their own devices (``capture.run_block``) and a perturbation is written where
+    the weight's values live (``models.devices.weight_tensor``; z is drawn on the CPU, so it is the same on
+    any device): the scores equal a single-device run's. ``first`` and ``jvp`` refuse weights accelerate
+    offloaded to the CPU (they exist as parameters only during their own forward).
     """
     if method not in SCORE_METHODS:
         raise UserError(f"unknown score method {method!r}; choose one of {', '.join(SCORE_METHODS)}")
@@ -314,9 +321,15 @@ def estimate_scores(adapter: ModelAdapter, method: str = "zeroth", calibration: 
     model = adapter.model
     config: dict[str, Any] = {"method": method, "granularity": granularity}
     if method == "magnitude":
-        sc = {g: float(sum(model.get_parameter(w).detach().float().abs().sum() for w in ws))
+        sc = {g: float(sum(weight_tensor(model, w).detach().float().abs().sum().cpu() for w in ws))
               for g, ws in groups.items()}
         return ScoreResult(sc, config=config)
+    if method in ("first", "jvp"):
+        off = offloaded_names(model, [w for ws in groups.values() for w in ws])
+        if off:
+            raise UserError(f"{method} scores differentiate through every weight, but accelerate offloaded {len(off)} "
+                            f"of them ({off[0]} first) to the CPU, where they exist only during their forward: use "
+                            "--scores zeroth (or magnitude), or a device map that keeps the scored weights on GPUs")
     if calibration is None:
         calibration = adapter.calibration_samples(samples, seed)
     batches = adapter.batches(list(calibration), batch_size)
@@ -385,7 +398,7 @@ def _zeroth_pass(adapter, method, batches, all_units, chosen, directions, draws,
     with _math_attention(adapter, method == "jvp"):
         for u in chosen:
             g, ws = all_units[u]
-            params = [model.get_parameter(w) for w in ws]
+            params = [weight_tensor(model, w) for w in ws]  # an offloaded weight: its CPU copy, read at each forward
             start = _first_block_index(adapter, ws) if prefix is not None else 0
             for bi, batch in enumerate(batches):
                 row = draws[g][bi]
@@ -652,6 +665,7 @@ def owl_outlier_ratios(adapter: ModelAdapter, calibration: Sequence[Any] | None 
                 adapter.forward(batch)
     out = {}
     for g, ws in groups.items():
-        sc = torch.cat([wanda_scores(adapter.model.get_parameter(w), stats[w].sq).flatten() for w in ws])
+        dev = stats[ws[0]].sq.device  # a stack-wide group may span devices
+        sc = torch.cat([wanda_scores(weight_tensor(adapter.model, w), stats[w].sq).flatten().to(dev) for w in ws])
         out[g] = float((sc > m * sc.mean()).float().mean())
     return out

@@ -16,11 +16,14 @@ from torch import nn
 
 from .capture import hooks
 from .errors import CalibrationError, UserError
+from .models.base import to_device
+from .models.devices import execution_device, module_tensor
 
 
 def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-    """Wanda's importance |W_ij| * ||X_j||_2 (Sun et al., 2024, Eq. 1), in float32."""
-    return weight.detach().float().abs() * sq_norms.float().sqrt().unsqueeze(0)
+    """Wanda's importance |W_ij| * ||X_j||_2 (Sun et al., 2024, Eq. 1), in float32, on the device of ``sq_norms``
+    (where the statistics were gathered; an offloaded weight is brought there)."""
+    return weight.detach().to(sq_norms.device).float().abs() * sq_norms.float().sqrt().unsqueeze(0)
 
 
 class _Stats:
@@ -49,20 +52,26 @@ def _mha_attention_input(mha: nn.MultiheadAttention, args, kwargs) -> torch.Tens
     """What ``mha.out_proj`` sees: attention output before the output projection.
 
     ``nn.MultiheadAttention`` applies ``out_proj.weight`` inside a functional call, so a hook on
-    ``out_proj`` never fires; we recompute the attention with an identity output projection.
+    ``out_proj`` never fires; we recompute the attention with an identity output projection. On a model
+    accelerate dispatched, this runs before accelerate's own hook: the inputs are moved to the module's
+    execution device here, and an offloaded projection is read from where its values live
+    (``devices.module_tensor``).
     """
+    dev = execution_device(mha)
     names = ("query", "key", "value")
-    q, k, v = (args[i] if len(args) > i else kwargs.get(n) for i, n in enumerate(names))
+    q, k, v = (to_device(args[i] if len(args) > i else kwargs.get(n), dev) for i, n in enumerate(names))
     if mha.batch_first:
         q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    w = {a: to_device(module_tensor(mha, a), dev) for a in ("in_proj_weight", "in_proj_bias", "bias_k", "bias_v",
+                                                            "q_proj_weight", "k_proj_weight", "v_proj_weight")}
     eye = torch.eye(mha.embed_dim, dtype=q.dtype, device=q.device)
-    attn_mask = kwargs.get("attn_mask")
+    attn_mask, padding = (to_device(kwargs.get(a), dev) for a in ("attn_mask", "key_padding_mask"))
     out, _ = F.multi_head_attention_forward(
-        q, k, v, mha.embed_dim, mha.num_heads, mha.in_proj_weight, mha.in_proj_bias, mha.bias_k, mha.bias_v,
-        mha.add_zero_attn, 0.0, eye, None, training=False, key_padding_mask=kwargs.get("key_padding_mask"),
+        q, k, v, mha.embed_dim, mha.num_heads, w["in_proj_weight"], w["in_proj_bias"], w["bias_k"], w["bias_v"],
+        mha.add_zero_attn, 0.0, eye, None, training=False, key_padding_mask=padding,
         need_weights=False, attn_mask=attn_mask, is_causal=kwargs.get("is_causal", False) and attn_mask is None,
-        use_separate_proj_weight=not mha._qkv_same_embed_dim, q_proj_weight=mha.q_proj_weight,
-        k_proj_weight=mha.k_proj_weight, v_proj_weight=mha.v_proj_weight)
+        use_separate_proj_weight=not mha._qkv_same_embed_dim, q_proj_weight=w["q_proj_weight"],
+        k_proj_weight=w["k_proj_weight"], v_proj_weight=w["v_proj_weight"])
     return out
 
 
@@ -87,13 +96,17 @@ def input_tap(model: nn.Module, weight_name: str) -> tuple[nn.Module, Callable]:
 def input_statistics(model: nn.Module, names: Sequence[str], kind: str = "wanda") -> Iterator[dict[str, _Stats]]:
     """Within the ``with``, every forward accumulates the inputs of each weight in ``names`` into its
     :class:`_Stats` (``kind`` "wanda": squared norms per input feature; "sparsegpt": also X^T X).
-    Yields {name: _Stats}; the hooks are removed on exit, also on error."""
+    Yields {name: _Stats}; the hooks are removed on exit, also on error.
+
+    Each weight's statistics live where its matmul runs (``devices.execution_device`` of the hooked module):
+    on a model accelerate spread over devices that is the weight's own device, or the GPU an offloaded
+    weight is copied to at each forward, so the inputs never travel to be counted."""
     stats: dict[str, _Stats] = {}
     with ExitStack() as es:
         for w in names:
             mod, get = input_tap(model, w)
             param = model.get_parameter(w)
-            st = stats[w] = _Stats(w, param.shape[1], kind, param.device)
+            st = stats[w] = _Stats(w, param.shape[1], kind, execution_device(mod))
             es.enter_context(hooks(mod.register_forward_pre_hook(
                 lambda m, a, kw, st=st, get=get: st.add(get(a, kw)), with_kwargs=True)))
         yield stats

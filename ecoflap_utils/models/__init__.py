@@ -16,6 +16,7 @@ import torch
 
 from ..errors import ModelNotAvailable, UserError
 from .base import Block, ModelAdapter, prunable_weight_names
+from .devices import block_classes, check_device_map, dispatch
 from .tiny import TINY_MODELS, build_tiny
 
 __all__ = ["Block", "ModelAdapter", "load_model", "load_run", "prunable_weight_names", "TINY_MODELS", "known_models"]
@@ -44,34 +45,57 @@ def known_models() -> list[str]:
     return list(TINY_MODELS) + list(_bundled())
 
 
-def load_model(name: str, *, device: str | torch.device = "cpu", dtype="float32", device_map: str | None = None,
-               weights: str | None = None, **kwargs) -> ModelAdapter:
+def load_model(name: str, *, device: str | torch.device = "cpu", dtype="float32", device_map=None,
+               max_memory: dict | None = None, weights: str | None = None, **kwargs) -> ModelAdapter:
     """Load a model by name and return its adapter (see the module docstring for names).
 
     ``weights`` points at a ``save_pretrained`` folder (or a safetensors file for CLIP) to load instead
-    of the named model's own weights; ``device_map="auto"`` spreads a large Hugging Face model over GPUs.
+    of the named model's own weights. ``device_map`` (``"auto"``, ``"balanced"``, ``"sequential"`` or a dict
+    ``{module name: device}``) spreads the model over devices with accelerate, within ``max_memory``
+    (``{0: "20GiB", "cpu": "60GiB"}``): Hugging Face checkpoints through ``from_pretrained``, the other
+    families through :func:`devices.dispatch`, which never splits a block. Modules mapped to ``"cpu"`` next to
+    a GPU are offloaded (run on the GPU, weights kept in CPU memory). ``prune``, the coarse stage and
+    ``finetune`` work on the result (``models.devices``); disk offload is refused.
     """
+    device_map = device_map or None
+    check_device_map(device_map, kwargs.pop("offload_folder", None))
+    if device_map is None and max_memory is not None:
+        raise UserError("max_memory bounds what a device map puts on each device: give device_map='auto' with it")
     dtype = parse_dtype(dtype)
     name = str(name)
     if name in TINY_MODELS:
-        return build_tiny(name, device=device, dtype=dtype, weights=weights)
+        return _dispatched(build_tiny(name, device="cpu" if device_map else device, dtype=dtype, weights=weights),
+                           device_map, max_memory)
     if name in _bundled():
-        return _bundled()[name](device=device, dtype=dtype, weights=weights, **kwargs)
+        adapter = _bundled()[name](device="cpu" if device_map else device, dtype=dtype, weights=weights, **kwargs)
+        return _dispatched(adapter, device_map, max_memory)
     if os.path.isdir(name) and (Path(name) / "pruning_config.json").exists():
-        return load_run(name, device=device, dtype=dtype)
+        return load_run(name, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory)
     if name.startswith("open_clip:"):
-        return _load_open_clip(name, device=device, dtype=dtype, weights=weights)
+        return _dispatched(_load_open_clip(name, device="cpu" if device_map else device, dtype=dtype, weights=weights),
+                           device_map, max_memory)
     if "/" in name or os.path.isdir(name):
-        return _load_hf(name, device=device, dtype=dtype, device_map=device_map, weights=weights)
+        return _load_hf(name, device=device, dtype=dtype, device_map=device_map, max_memory=max_memory,
+                        weights=weights)
     raise UserError(
         f"unknown model {name!r}: use one of {', '.join(known_models())}, a Hugging Face id such as "
         "Salesforce/blip2-flan-t5-xl, open_clip:ViT-B-16/openai, or a local folder"
     )
 
 
-def load_run(folder: str | os.PathLike, *, device: str | torch.device = "cpu", dtype=None) -> ModelAdapter:
+def _dispatched(adapter: ModelAdapter, device_map, max_memory) -> ModelAdapter:
+    """``adapter`` with its model spread by :func:`devices.dispatch` (blocks kept whole), when a map is given."""
+    if device_map is not None:
+        dispatch(adapter.model, device_map, no_split=block_classes(adapter.blocks), max_memory=max_memory,
+                 dtype=adapter.dtype)
+    return adapter
+
+
+def load_run(folder: str | os.PathLike, *, device: str | torch.device = "cpu", dtype=None, device_map=None,
+             max_memory: dict | None = None) -> ModelAdapter:
     """Load a run folder written by ``io.save_pruned`` (it holds ``pruning_config.json``): the same adapter,
-    with the run's weights, and ``adapter.pruning_config`` set. ``io.load_pruned`` is this function."""
+    with the run's weights, and ``adapter.pruning_config`` set. ``io.load_pruned`` is this function.
+    ``device_map`` and ``max_memory`` spread it over devices as in :func:`load_model`."""
     import json
 
     out = Path(folder)
@@ -85,7 +109,8 @@ def load_run(folder: str | os.PathLike, *, device: str | torch.device = "cpu", d
     weights = out / ("model.safetensors" if cfg.get("family") == "clip" else "model")
     if not weights.exists():
         raise UserError(f"{out} has pruning_config.json but no {weights.name}: the run is incomplete; prune again")
-    adapter = load_model(cfg["model"], device=device, dtype=dtype or cfg.get("dtype", "float32"), weights=str(weights))
+    adapter = load_model(cfg["model"], device=device, dtype=dtype or cfg.get("dtype", "float32"), weights=str(weights),
+                         device_map=device_map, max_memory=max_memory)
     adapter.pruning_config = cfg
     return adapter
 
@@ -116,7 +141,7 @@ def _hf_config(name: str):
     return AutoConfig.from_pretrained(os.path.dirname(path))
 
 
-def _load_hf(name, *, device, dtype, device_map, weights):
+def _load_hf(name, *, device, dtype, device_map, weights, max_memory=None):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Blip2ForConditionalGeneration
 
     from .hf import Blip2Adapter, CausalLMAdapter
@@ -126,6 +151,8 @@ def _load_hf(name, *, device, dtype, device_map, weights):
     kw = dict(dtype=dtype)
     if device_map:
         kw["device_map"] = device_map
+        if max_memory is not None:
+            kw["max_memory"] = max_memory
     try:
         if cfg.model_type in ("blip-2", "blip_2"):
             model = Blip2ForConditionalGeneration.from_pretrained(source, **kw)
@@ -143,6 +170,13 @@ def _load_hf(name, *, device, dtype, device_map, weights):
         raise
     except OSError as err:
         raise _not_available(name, err) from None
+    except ValueError as err:
+        if device_map and "disk" in str(err).lower():  # the map transformers computed needs disk offload
+            raise UserError(f"device_map={device_map!r} needs disk offload for {name}, where pruning cannot write its "
+                            "masks: raise max_memory for the GPUs or the CPU") from None
+        raise
+    if device_map:
+        check_device_map(getattr(model, "hf_device_map", None))
     if not device_map:
         model = model.to(device)
     return cls(model, name, tokenizer=tok, device=device, dtype=dtype, source=source)

@@ -17,6 +17,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
+from .devices import execution_device
+
 MODALITIES = ("vision", "language", "bridge")
 
 
@@ -145,10 +147,11 @@ class ModelAdapter:
         return self.loss(batch)
 
     def input_device(self) -> torch.device:
-        try:
-            return next(self.model.parameters()).device
-        except StopIteration:  # pragma: no cover
+        """Where batches go: the model's main device when accelerate dispatched it (its root hook's execution
+        device), else the device of its first parameter (``devices.execution_device``)."""
+        if next(self.model.parameters(), None) is None:  # pragma: no cover
             return self.device
+        return execution_device(self.model)
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -179,9 +182,9 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 
 def module_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
+    """Where ``module`` computes (``devices.execution_device``): its accelerate hook's execution device when the
+    model was dispatched (offloaded weights sit on ``meta`` then), else its first parameter's device."""
+    return execution_device(module)
 
 
 def chunked_causal_lm_loss(model: nn.Module, input_ids: torch.Tensor, *, chunk_tokens: int = 512) -> torch.Tensor:
