@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -68,7 +69,14 @@ def evaluate_task_with_intervals(adapter: ModelAdapter, task: str | None = None,
     intervals=intervals)``."""
     from . import evaluate
 
-    out = evaluate.evaluate(adapter, task, data=data, limit=limit, progress=False, **kw)
+    return _metrics_of(evaluate.evaluate(adapter, task, data=data, limit=limit, progress=False, **kw))
+
+
+def _metrics_of(out: Any) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """An evaluator's output as ``(metrics, intervals)``: the numeric metrics (floats, bookkeeping counts left
+    out) and the 95 % intervals of the headline metric."""
+    from . import evaluate
+
     intervals = out.get("intervals") if isinstance(out, dict) else None
     out = out.get("metrics", out) if isinstance(out, dict) and "metrics" in out else out
     metrics = {k: float(v) for k, v in out.items()
@@ -255,7 +263,9 @@ def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities:
 
     ``calibration``: a path read with :func:`ecoflap_utils.data.calibration.load_calibration` (``calib_samples``
     items for the fine stage, ``first_stage_samples`` for the coarse stage, ``seed``); records carry its
-    ``{"path", "format", "count", "seed", "ids_sha256", ...}`` under ``config.calibration``.
+    ``{"path", "format", "count", "seed", "ids_sha256", ...}`` under ``config.calibration``; under a protocol that
+    asks for it (``calibration_augment``: CLIP under ``"paper"``) its images pass through CoOp's training
+    augmentation, drawn from ``seed`` (the record's ``augmentation``).
     ``protocol="paper"``: each method runs with the official code's settings for the model's family
     (:func:`ecoflap_utils.protocol.paper_settings`): they replace ``calib_samples``, ``first_stage_samples``,
     ``batch_size``, ``granularity`` and ``max_sparsity_margin`` (0.1), and set the comparison and the zeroth- /
@@ -288,13 +298,18 @@ def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities:
         adapter.seq_len = P.paper_settings("causal_lm", method="wanda", allocation="uniform", scores="zeroth")[0][
             "seq_len"]
     calib_cache: dict[int, tuple[list, Any]] = {}
+    # the protocol's training augmentation of calibration images (CLIP under "paper": CoOp's random resized crop
+    # and flip, protocol.paper_settings' calibration_augment); it applies to data read from disk
+    augment = bool(protocol is not None and getattr(adapter, "family", None) == "clip" and P.paper_settings(
+        "clip", method="wanda", allocation="uniform", scores="zeroth")[0].get("calibration_augment"))
 
     def samples(n: int) -> tuple[list, Any]:
         if n not in calib_cache:
             if calibration is not None:
                 from .data.calibration import load_calibration
 
-                calib_cache[n] = load_calibration(adapter, calibration, n=n, seed=seed)
+                calib_cache[n] = load_calibration(adapter, calibration, n=n, seed=seed,
+                                                  **({"augment": True} if augment else {}))
             else:
                 calib_cache[n] = (adapter.calibration_samples(n, seed), adapter.calibration_name)
         return calib_cache[n]
@@ -358,6 +373,177 @@ def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities:
             if on_pruned is not None:
                 records += list(on_pruned(adapter, records[-1]))
     return records
+
+
+#: the methods of the rebuttal's CLIP table and the issue that asks for it: Wanda, ECoFLaP (zeroth order, Wanda fine
+#: stage), SparseGPT, ECoFLaP on SparseGPT
+COOP_METHODS = ("wanda", "ecoflap-zeroth", "sparsegpt", "ecoflap-zeroth-sparsegpt")
+
+
+@dataclass
+class TableRun:
+    """What :func:`coop_table` returns: ``records`` (every cell's record, dense first per dataset, then methods x
+    sparsities x seeds in the order given), and which cells this call ``computed`` and which it read back
+    (``reused``) from its folder, as ``(dataset, method, sparsity, seed)`` (the dense cell: ``(dataset, "dense",
+    0.0, None)``)."""
+
+    records: list[dict[str, Any]]
+    computed: list[tuple] = field(default_factory=list)
+    reused: list[tuple] = field(default_factory=list)
+
+
+def _cell_name(method: str, sparsity: float, seed: int | None) -> str:
+    return "dense.json" if seed is None else f"{method}@{float(sparsity):g}@seed{int(seed)}.json"
+
+
+def _table_settings(adapter: ModelAdapter, name: str, data: Any, calibration: Any, **kw: Any) -> dict[str, Any]:
+    """What a cell of :func:`coop_table` depends on besides its method, sparsity and seed (a cell folder's key)."""
+    dtype = next((str(p.dtype) for p in adapter.model.parameters()), None)
+    return {"model": adapter.name, "dtype": dtype, "dataset": name, "data": str(data),
+            "calibration": None if calibration is None else str(calibration), **kw}
+
+
+def _safe(name: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", str(name)) or "dataset"
+
+
+def _read_json(path) -> Any:
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # an unreadable cell is computed again
+
+
+def coop_table(adapter: ModelAdapter, datasets: Mapping[str, Any], *, methods: Sequence[str] = COOP_METHODS,
+               sparsities: Sequence[float] = (0.3, 0.4, 0.5), seeds: Sequence[int] = (0, 1, 2),
+               out_dir: str | None = None, calibration: Mapping[str, Any] | None = None, task: str = "zeroshot",
+               limit: int | None = None, calib_samples: int = 128, first_stage_samples: int = 32,
+               batch_size: int = 8, protocol: str | None = None, perturb: str = "tensor", granularity: str = "block",
+               max_sparsity_margin: float = 0.1, eval_kw: Mapping[str, Any] | None = None,
+               progress: bool | None = None, on_cell: Any = None) -> TableRun:
+    """The rebuttal's CLIP table (Table 8): ``datasets`` x ``methods`` x ``sparsities`` x ``seeds``, one pruning
+    per dataset, and one record per cell.
+
+    Each dataset (``{name: data}``, e.g. ``{"oxford_pets": "coop:/data/oxford_pets"}``: CoOp's layout,
+    :mod:`ecoflap_utils.data.coop`) is evaluated dense once (not per seed or method), then pruned for every
+    method, sparsity and seed by :func:`sparsity_sweep` (one cell per call, ``include_dense=False``), calibrated on
+    ``calibration[name]``: by default a CoOp dataset's own train split, and the model's own samples for other data.
+    That is the official code's loop (ylsung/ECoFLaP ``CoOp/scripts/coop/ecoflap_wanda.sh`` L15-19: one
+    ``train.py`` run, so one pruning, per dataset, at one seed, L9), each pruned on that dataset's
+    ``dm.train_loader_x`` in batches of 16 (``CoOp/trainers/zsclip.py`` L54-61); the seeds are ours (issue 18).
+    The seed picks the calibration samples and the zeroth-order noise; each (dataset, seed) computes its
+    coarse-stage scores once and reuses them across sparsities and methods (:func:`sparsity_sweep`'s
+    ``score_cache``).
+
+    ``out_dir``: where the cells are kept, one JSON file per cell, written atomically as it is done, under one
+    folder per dataset and settings (:func:`_table_settings`: model, dtype, data, calibration, limit, sample
+    counts, protocol, estimator, evaluation keywords), with the coarse-stage scores of each seed. A second call
+    with the same folder reads the finished cells back and computes only the others (after an interruption, or
+    with more seeds); other settings go to another folder. ``None``: nothing is kept.
+
+    Records: dense ``config`` holds ``dataset``, ``data``, ``templates`` and ``template_set`` (what prompted, from
+    :func:`ecoflap_utils.evaluate.evaluate`; every cell of a dataset is evaluated alike, so the pruned records
+    carry the same), pruned ones also ``seed``, ``seeds`` (this call's) and :func:`sparsity_sweep`'s
+    ``calibration`` record (under ``protocol="paper"``: augmented images, CoOp's batches of 16).
+    ``on_cell(record)`` is called after each computed cell is written. Bad input (no dataset, an unknown method,
+    a sparsity outside (0, 1), seeds that are not distinct integers) is a one-line UserError."""
+    import json
+    from pathlib import Path
+
+    from . import evaluate
+    from .data import coop
+    from .errors import UserError
+    from .io import write_json_atomic
+    from .records import check_seeds
+
+    seeds = check_seeds(seeds, "seeds")
+    if not isinstance(datasets, Mapping) or not datasets:
+        raise UserError(f"no datasets to prune for: give {{name: data}}, e.g. {{'oxford_pets': "
+                        f"'coop:/data/oxford_pets'}}, got {datasets!r}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise UserError(f"unknown method(s) {unknown or list(methods)}; choose from {', '.join(METHODS)}")
+    bad = [s for s in sparsities if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < 1]
+    if bad or not sparsities:
+        raise UserError(f"sparsities {list(sparsities)!r}: give a non-empty list of numbers between 0 and 1, e.g. "
+                        f"[0.3, 0.4, 0.5]")
+    calib_of = ({name: data if coop.is_coop(data) else None for name, data in datasets.items()}
+                if calibration is None else calibration_per_dataset(calibration, datasets))
+    eval_kw = {**dict(eval_kw or {}), **({"protocol": protocol} if protocol is not None else {})}
+    common = dict(task=task, limit=limit, calib_samples=calib_samples, first_stage_samples=first_stage_samples,
+                  batch_size=batch_size, granularity=granularity, max_sparsity_margin=max_sparsity_margin,
+                  protocol=protocol, perturb=perturb)
+    run = TableRun([])
+    cells = [(m, float(s), seed) for seed in seeds for m in methods for s in sparsities]
+    bar = tqdm(total=len(datasets) * (len(cells) + 1), desc=f"table {adapter.name}",
+               disable=None if progress in (None, True) else True)
+    for name, data in datasets.items():
+        settings = _table_settings(adapter, name, data, calib_of[name], **common,
+                                   eval_kw=json.loads(json.dumps(eval_kw, default=str)))
+        folder = None
+        if out_dir is not None:
+            import hashlib
+
+            key = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+            folder = Path(out_dir) / f"{_safe(name)}-{key}"
+            if not (folder / "settings.json").is_file():
+                write_json_atomic(folder / "settings.json", settings)
+
+        def done(method: str, s: float, seed: int | None) -> dict | None:
+            rec = _read_json(folder / _cell_name(method, s, seed)) if folder is not None else None
+            if isinstance(rec, dict):
+                run.reused.append((name, method, s, seed))
+            return rec if isinstance(rec, dict) else None
+
+        def keep(rec: dict, method: str, s: float, seed: int | None) -> dict:
+            if folder is not None:
+                write_json_atomic(folder / _cell_name(method, s, seed), rec)
+            run.computed.append((name, method, s, seed))
+            if on_cell is not None:
+                on_cell(rec)
+            return rec
+
+        dense = done("dense", 0.0, None)
+        if dense is None:
+            with track(str(adapter.input_device())) as r:
+                out = evaluate.evaluate(adapter, task, data=data, limit=limit, progress=False, **eval_kw)
+            m, iv = _metrics_of(out)
+            conf = {"dataset": name, "data": str(data), "protocol": protocol,
+                    **{k: out[k] for k in ("templates", "template_set", "split") if k in out}}
+            dense = keep(record(adapter.name, "dense", 0.0, task, m, {"eval": dict(r)}, conf, intervals=iv),
+                         "dense", 0.0, None)
+        bar.update(1)
+        said = {k: dense["config"][k] for k in ("templates", "template_set") if k in dense["config"]}
+        found: dict[tuple, dict] = {}
+        for seed in seeds:
+            scores_file = folder / f"scores-seed{seed}.json" if folder is not None else None
+            saved = _read_json(scores_file) if scores_file is not None else None
+            score_cache = {k: tuple(v) for k, v in saved.items()} if isinstance(saved, dict) else {}
+            for m_, s, sd in [c for c in cells if c[2] == seed]:
+                rec = done(m_, s, sd)
+                if rec is None:
+                    before = set(score_cache)
+                    (rec,) = sparsity_sweep(adapter, methods=[m_], sparsities=[s], data=data, seed=sd,
+                                            include_dense=False, progress=False, eval_kw=eval_kw,
+                                            score_cache=score_cache, calibration=calib_of[name], **common)
+                    rec["config"].update(dataset=name, data=str(data), **said)
+                    if scores_file is not None and set(score_cache) != before:
+                        write_json_atomic(scores_file, {k: list(v) for k, v in score_cache.items()})
+                    rec = keep(rec, m_, s, sd)
+                found[(m_, s, sd)] = rec
+                bar.update(1)
+        run.records.append(dense)
+        for m_ in methods:
+            for s in sparsities:
+                for seed in seeds:
+                    rec = found[(m_, float(s), seed)]
+                    run.records.append({**rec, "config": {**rec["config"], "seeds": list(seeds)}})
+    bar.close()
+    return run
 
 
 def stack_sensitivity(adapter: ModelAdapter, *, sparsities: Sequence[float], method: str = "wanda",

