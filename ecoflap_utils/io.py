@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import io as _io
-import json
 import os
 import shutil
 import tempfile
@@ -15,50 +14,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-import torch
-
+from .atomic import read_json, write_json_atomic, write_text_atomic  # noqa: F401 (re-exported)
+from .compressed import (SAVE_FORMATS, _save_compressed, check_save_format, decompress_checkpoint,  # noqa: F401
+                         disk_usage, sparse_format)
 from .errors import UserError
 
 RUN_MARKERS = ("pruning_config.json", "results.json", "resources.json")
 REPORT_FIELDS = ("name", "block", "stack", "modality", "params", "target_sparsity", "actual_sparsity")
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _json_default(o):
-    if isinstance(o, torch.dtype):
-        return str(o).replace("torch.", "")
-    if isinstance(o, (Path, torch.device)):
-        return str(o)
-    if hasattr(o, "item"):
-        return o.item()
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def read_json(path: str | os.PathLike) -> Any:
-    path = Path(path)
-    if not path.exists():
-        raise UserError(f"{path} does not exist")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e})") from None
 
 
 def check_out_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -120,27 +82,34 @@ def library_versions() -> dict[str, str]:
 
 
 def save_pruned(adapter, out_dir: str | os.PathLike, result=None, *, config: Mapping[str, Any] | None = None,
-                overwrite: bool = False, _inplace: bool = False) -> Path:
+                overwrite: bool = False, format: str = "dense", _inplace: bool = False) -> Path:
     """Write the model's weights, ``pruning_config.json`` and ``sparsity_report.csv`` to ``out_dir``.
 
     Hugging Face models are written with ``save_pretrained`` (folder ``model/``); CLIP models as
     ``model.safetensors``. ``result`` is the ``PruneResult`` of ``prune``; ``config`` adds keys.
+    ``format="compressed"`` stores the pruned layers of a Hugging Face model sparse, in compressed-tensors'
+    ``sparse-bitmask`` layout (``sparse-24-bitmask`` for a 2:4 run): see :func:`compress_state_dict`.
     """
+    check_save_format(format, family=adapter.family, name=adapter.name)
     if _inplace:
-        return _save_into(adapter, Path(out_dir), result, config)
+        return _save_into(adapter, Path(out_dir), result, config, format)
     with atomic_dir(out_dir, overwrite) as tmp:
-        _save_into(adapter, tmp, result, config)
+        _save_into(adapter, tmp, result, config, format)
     return Path(out_dir)
 
 
-def _save_into(adapter, out: Path, result, config) -> Path:
+def _save_into(adapter, out: Path, result, config, format: str = "dense") -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    compression = None
     if adapter.family == "clip":
         from safetensors.torch import save_model
 
         save_model(adapter.model, str(out / "model.safetensors"))
     else:
-        adapter.model.save_pretrained(out / "model")
+        if format == "compressed":
+            compression = _save_compressed(adapter, out / "model", result)
+        else:
+            adapter.model.save_pretrained(out / "model")
         if getattr(adapter, "tokenizer", None) is not None and hasattr(adapter.tokenizer, "save_pretrained"):
             adapter.tokenizer.save_pretrained(out / "model")
     report = result.report if result is not None else []
@@ -155,6 +124,10 @@ def _save_into(adapter, out: Path, result, config) -> Path:
         "versions": library_versions(),
         **(dict(config) if config else {}),
     }
+    cfg.pop("compression", None)  # a config copied from a compressed run describes that run's files, not these
+    cfg["save_format"] = format
+    if compression is not None:
+        cfg["compression"] = compression
     write_json_atomic(out / "pruning_config.json", cfg)
     write_text_atomic(out / "sparsity_report.csv", report_csv(report))
     return out
@@ -166,8 +139,9 @@ def _weighted(rows, key) -> float | None:
 
 
 def load_pruned(out_dir: str | os.PathLike, *, device="cpu", dtype=None):
-    """Load a model written by ``save_pruned``: the same adapter, with the pruned weights
-    (``models.load_run``; ``load_model(out_dir)`` does the same)."""
+    """Load a model written by ``save_pruned``: the same adapter, with the pruned weights. This is
+    ``models.load_run`` (``load_model(out_dir)`` does the same), which reads both formats: a compressed run is
+    decompressed into a temporary dense folder first (``compressed.decompress_checkpoint``)."""
     from .models import load_run
 
     return load_run(out_dir, device=device, dtype=dtype)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .errors import UserError
-from .io import atomic_dir, check_out_dir, write_json_atomic
+from .io import atomic_dir, check_out_dir, check_save_format, disk_usage, write_json_atomic
 from .measure import Resources
 from .prune import METHODS, check_sparsity, parse_nm, prune
 from .report import format_table, summarize
@@ -97,7 +97,7 @@ def run_prune(*, model: str, method: str = "wanda", sparsity: float | None = 0.5
               calibration_template: str | None = None, clip_objective: str | None = None,
               seq_len: int | None = None, lavis_names: bool = False, out: str, overwrite: bool = False,
               progress: bool = True, device_map: str | dict | None = None,
-              max_memory: dict | None = None) -> dict[str, Any]:
+              max_memory: dict | None = None, save_format: str = "dense") -> dict[str, Any]:
     """Prune ``model`` and write the run to ``out``; see ``python -m ecoflap_utils prune --help``.
 
     Settings a protocol controls (``comparison``, ``calib_samples``, ``batch_size``, ``granularity``, ``perturb``,
@@ -108,7 +108,9 @@ def run_prune(*, model: str, method: str = "wanda", sparsity: float | None = 0.5
     ``calibration`` is a path read by :func:`ecoflap_utils.data.calibration.load_calibration` for both stages
     (``calib_samples`` items for the fine stage, ``first_stage_samples`` for the coarse stage, the same seed).
     ``device_map`` / ``max_memory`` spread the model over devices with accelerate (``models.load_model``); a map
-    that offloads to disk is refused before anything is loaded or written.
+    that offloads to disk is refused before anything is loaded or written. ``save_format``: ``dense`` or
+    ``compressed`` (pruned layers stored sparse: :func:`ecoflap_utils.io.save_pruned`); ``resources.json`` records
+    the weights' bytes on disk and their ratio to dense (``disk``).
     """
     from . import protocol as P
     from .data.calibration import CLIP_OBJECTIVES, check_format
@@ -145,6 +147,7 @@ def run_prune(*, model: str, method: str = "wanda", sparsity: float | None = 0.5
     if max_memory is not None and not device_map:
         raise UserError("max_memory bounds what a device map puts on each device: give device_map='auto' with it")
     check_out_dir(out, overwrite)
+    check_save_format(save_format, name=model)
 
     res = Resources(device)
     coarse: dict[str, Any] = {}
@@ -224,7 +227,7 @@ def run_prune(*, model: str, method: str = "wanda", sparsity: float | None = 0.5
             run_cfg["coarse"] = coarse["config"]
         from .io import save_pruned
 
-        save_pruned(adapter, tmp, result, config=run_cfg, _inplace=True)
+        save_pruned(adapter, tmp, result, config=run_cfg, format=save_format, _inplace=True)
         write_json_atomic(tmp / "sparsity_dict.json", result.sparsity_by_layer)
         if lavis_names:
             from .lavis import lm_of, to_lavis_names
@@ -235,10 +238,11 @@ def run_prune(*, model: str, method: str = "wanda", sparsity: float | None = 0.5
                 table = dict(coarse["table"])
                 table["groups"] = to_lavis_names(table["groups"], lm=lm)
                 write_json_atomic(tmp / "scores.lavis.json", table)
-        write_json_atomic(tmp / "resources.json", res.as_dict())
+        resources = {**res.as_dict(), "disk": disk_usage(tmp)}
+        write_json_atomic(tmp / "resources.json", resources)
     table = summarize(result.report, by="stack")
     summary = format_table(table, ["stack", "modality", "layers", "params", "target_sparsity", "actual_sparsity"])
-    return {"summary": summary, "result": result, "adapter": adapter, "resources": res.as_dict(), "coarse": coarse}
+    return {"summary": summary, "result": result, "adapter": adapter, "resources": resources, "coarse": coarse}
 
 
 def parse_comparison(value: str) -> str | dict[str, str]:

@@ -604,7 +604,7 @@ def write_bundled(root: str | os.PathLike, names: Sequence[str] = tuple(BUNDLED)
     textile, so its zero-shot accuracy there may be near chance (1 in 3)."""
     import shutil
 
-    from ..io import write_text_atomic
+    from ..atomic import write_text_atomic
 
     unknown = [n for n in names if n not in BUNDLED]
     if unknown or not names:

@@ -109,8 +109,17 @@ def load_run(folder: str | os.PathLike, *, device: str | torch.device = "cpu", d
     weights = out / ("model.safetensors" if cfg.get("family") == "clip" else "model")
     if not weights.exists():
         raise UserError(f"{out} has pruning_config.json but no {weights.name}: the run is incomplete; prune again")
-    adapter = load_model(cfg["model"], device=device, dtype=dtype or cfg.get("dtype", "float32"), weights=str(weights),
-                         device_map=device_map, max_memory=max_memory)
+    kw = dict(device=device, dtype=dtype or cfg.get("dtype", "float32"), device_map=device_map, max_memory=max_memory)
+    from ..compressed import decompress_checkpoint, sparse_format
+
+    if cfg.get("family") != "clip" and sparse_format(weights):  # --save-format compressed: decompressed first
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="ecoflap-dense-") as tmp:
+            adapter = load_model(cfg["model"], weights=str(decompress_checkpoint(weights, Path(tmp) / "model")), **kw)
+        adapter.source = str(weights)
+    else:
+        adapter = load_model(cfg["model"], weights=str(weights), **kw)
     adapter.pruning_config = cfg
     return adapter
 
