@@ -102,11 +102,17 @@ def _add_prune(sub) -> None:
                         "sparse in compressed-tensors' sparse-bitmask layout (sparse-24-bitmask for 2:4), about "
                         "0.63x the disk at 50%% sparsity; read back with load_pruned (transformers >= 5 and vLLM no "
                         "longer read sparse checkpoints: io.decompress_checkpoint writes a dense copy). Not for CLIP")
+    p.add_argument("--device-map", default=None,
+                   help="spread a large model over devices with accelerate: auto, balanced, sequential, a JSON object "
+                        "{module: device} or a .json file; each block's statistics and masks stay on its device. "
+                        "Disk offload is refused")
+    p.add_argument("--max-memory", default=None, help="with --device-map: room per device, e.g. 0=20GiB,cpu=64GiB")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(func=_cmd_prune)
 
 
 def _cmd_prune(a) -> int:
+    from .models.devices import parse_device_map, parse_max_memory
     from .pipeline import run_prune
 
     out = run_prune(
@@ -121,6 +127,7 @@ def _cmd_prune(a) -> int:
         first_stage_samples=a.first_stage_samples, first_stage_batch_size=a.first_stage_batch_size,
         max_sparsity=a.max_sparsity, owl_lambda=a.owl_lambda, owl_m=a.owl_m, sparsity_dict=a.sparsity_dict,
         out=a.out, overwrite=a.overwrite, progress=not a.no_progress, save_format=a.save_format,
+        device_map=parse_device_map(a.device_map), max_memory=parse_max_memory(a.max_memory),
     )
     print(out["summary"])
     print(f"wrote {a.out}")

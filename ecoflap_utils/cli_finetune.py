@@ -62,6 +62,11 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward pass (for GPUs: on a CPU without bfloat16 units it is many times slower)")
     p.add_argument("--out", required=True, help="output directory (must not hold a run unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--device-map", default=None,
+                   help="spread a large model over devices with accelerate: auto, balanced, sequential, a JSON object "
+                        "{module: device} or a .json file (weights offloaded to the CPU cannot be trained; disk is "
+                        "refused)")
+    p.add_argument("--max-memory", default=None, help="with --device-map: room per device, e.g. 0=20GiB,cpu=64GiB")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_cmd_finetune)
     return p
@@ -69,11 +74,13 @@ def add_finetune_parser(subparsers) -> argparse.ArgumentParser:
 
 def _cmd_finetune(a) -> int:
     from .finetune import run_finetune
+    from .models.devices import parse_device_map, parse_max_memory
 
     out = run_finetune(model=a.model, steps=a.steps, out=a.out, lr=a.lr, data=a.data, annotations=a.annotations,
                        image_root=a.image_root, stacks=a.stacks, batch_size=a.batch_size, weight_decay=a.weight_decay,
                        warmup=a.warmup, seed=a.seed, dense=a.dense, device=a.device, autocast=a.bf16,
-                       overwrite=a.overwrite, progress=False if a.no_progress else None)
+                       overwrite=a.overwrite, progress=False if a.no_progress else None,
+                       device_map=parse_device_map(a.device_map), max_memory=parse_max_memory(a.max_memory))
     r = out["result"]
     print(f"fine-tuned {', '.join(r.config['stacks'])} of {out['adapter'].name} for {len(r.losses)} steps "
           f"({r.wall_s:.1f} s, {r.seconds_per_step:.3f} s/step): loss {r.initial_loss:.4f} -> {r.final_loss:.4f}; "

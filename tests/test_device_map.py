@@ -238,3 +238,42 @@ def test_prune_run_with_a_device_map_records_it_and_writes_the_plain_weights(tmp
     a, b = load_model(str(tmp_path / "plain")), load_model(str(tmp_path / "mapped"))
     assert all(torch.equal(p, q) for p, q in zip(a.model.parameters(), b.model.parameters()))
     assert got["result"].actual_sparsity == ref["result"].actual_sparsity
+
+
+# ------------------------------------------------------------------------------------------------ command line
+
+@pytest.mark.parametrize("command", ["prune", "finetune"])
+@pytest.mark.parametrize("flags,message", [
+    (["--device-map", '{"model": "disk"}'], "offloads model to disk"),
+    (["--device-map", "disk"], "offloads the model to disk"),
+    (["--device-map", "everywhere"], "is neither auto/balanced/sequential"),
+    (["--device-map", "auto", "--max-memory", "0=20GiB,disk=100GB"], "room on disk"),
+    (["--device-map", "auto", "--max-memory", "gpu0"], "is not DEVICE=SIZE pairs"),
+])
+def test_cli_refuses_bad_device_maps_in_one_line(command, flags, message, tmp_path, capsys):
+    from ecoflap_utils.cli import main
+
+    out = tmp_path / "run"
+    extra = ["--sparsity", "0.5"] if command == "prune" else ["--steps", "1", "--dense"]
+    code = main([command, "--model", "tiny-llama", *extra, "--out", str(out), "--no-progress", *flags])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and message in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_cli_device_map_prunes_like_the_plain_model(tmp_path):
+    """``prune --device-map`` with a JSON map (every block on the CPU, accelerate's hooks attached) writes the same
+    weights as a plain ``prune`` and records the map."""
+    import json
+
+    from ecoflap_utils.cli import main
+    from ecoflap_utils.io import load_pruned
+
+    common = ["prune", "--model", "tiny-llama", "--sparsity", "0.5", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*common, "--out", str(tmp_path / "mapped"), "--device-map", '{"": "cpu"}']) == 0
+    cfg = json.loads((tmp_path / "mapped" / "pruning_config.json").read_text())
+    assert cfg["device_map"] == {"": "cpu"}
+    a = load_pruned(tmp_path / "plain").model.state_dict()
+    b = load_pruned(tmp_path / "mapped").model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -20,6 +20,7 @@ Nothing here imports accelerate unless a model uses it.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -182,3 +183,60 @@ def dispatch(model: nn.Module, device_map, *, no_split: Iterable[str] = (), max_
         log.setLevel(level)
     model.hf_device_map = device_map
     return device_map
+
+
+def parse_device_map(text: str | None):
+    """``--device-map`` from the command line: ``auto``, ``balanced``, ``balanced_low_0``, ``sequential``, a device
+    (``cuda:0``), a JSON object ``{"module": device}`` or the path of a JSON file holding one. ``UserError``
+    (one line) for anything else; a disk map is refused by :func:`check_device_map`."""
+    import json
+    from pathlib import Path
+
+    if text is None:
+        return None
+    text = str(text).strip()
+    if text in ("auto", "balanced", "balanced_low_0", "sequential", "disk") or re.fullmatch(r"(cpu|cuda(:\d+)?|mps|\d+)", text):
+        value = text
+    else:
+        source = Path(text).read_text() if text.endswith(".json") and Path(text).is_file() else text
+        try:
+            value = json.loads(source)
+        except json.JSONDecodeError:
+            raise UserError(f"--device-map {text!r} is neither auto/balanced/sequential, a device, a JSON object nor a "
+                            "JSON file: write e.g. --device-map auto or '{\"model.layers.0\": 0, \"lm_head\": \"cpu\"}'"
+                            ) from None
+        if not isinstance(value, dict):
+            raise UserError(f"--device-map {text!r} must be a JSON object {{module: device}}, got "
+                            f"{type(value).__name__}")
+    check_device_map(value)
+    return value
+
+
+def parse_max_memory(text: str | None):
+    """``--max-memory`` from the command line: ``0=20GiB,1=20GiB,cpu=64GiB`` (GPU index or ``cpu`` = a size
+    accelerate reads) or a JSON object; ``UserError`` (one line) otherwise."""
+    import json
+
+    if text is None:
+        return None
+    text = str(text).strip()
+    if text.startswith("{"):
+        try:
+            pairs = list(json.loads(text).items())
+        except (json.JSONDecodeError, AttributeError):
+            raise UserError(f"--max-memory {text!r} is not a JSON object: write e.g. 0=20GiB,cpu=64GiB") from None
+    else:
+        pairs = [p.split("=", 1) for p in text.split(",") if p.strip()]
+        if not pairs or any(len(p) != 2 for p in pairs):
+            raise UserError(f"--max-memory {text!r} is not DEVICE=SIZE pairs: write e.g. 0=20GiB,cpu=64GiB")
+    out = {}
+    for k, v in pairs:
+        k = str(k).strip()
+        if k == "disk":
+            raise UserError("--max-memory gives room on disk, where pruning cannot write its masks: name GPUs and cpu")
+        if not (k == "cpu" or k.isdigit()):
+            raise UserError(f"--max-memory names device {k!r}: use a GPU index (0, 1, ...) or cpu")
+        if not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B)?", str(v).strip(), flags=re.I):
+            raise UserError(f"--max-memory gives {k} the size {v!r}: write e.g. 20GiB or 64GB")
+        out[int(k) if k.isdigit() else k] = str(v).strip()
+    return out
