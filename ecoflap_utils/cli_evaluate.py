@@ -44,7 +44,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                    help="evaluate on this many examples only (first ones; evenly spaced for zeroshot; windows "
                         "for perplexity)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="batch size (default: 64 for CLIP tasks, 16 for generation, 1 window for perplexity)")
+                   help="batch size: images for CLIP tasks (default 64); questions or images per generate call for "
+                        "vqav2/okvqa/gqa/caption (default 32; with beam search each is --num-beams rows; 1 generates "
+                        "one by one, with the same answers); windows for perplexity (default 1)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")
     p.add_argument("--classnames", default=None,
@@ -60,7 +62,8 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                         "caption prompt (default 'a photo of'; '' for none)")
     p.add_argument("--max-new-tokens", type=int, default=None,
                    help="generation length cap (default: 10 for VQA, 30 for captions)")
-    p.add_argument("--num-beams", type=int, default=None, help="beam width for generation (default 5, as LAVIS)")
+    p.add_argument("--num-beams", type=int, default=None,
+                   help="beam width for generation (default 5, as LAVIS); 1 is greedy decoding, about 5 times faster")
     p.add_argument("--vqa-inference", default="generate", choices=VQA_INFERENCE,
                    help="vqav2/okvqa/gqa: 'generate' free-form answers (the paper's setting), or 'rank' the answers "
                         "of --answer-list by the model's likelihood and predict the likeliest (LAVIS's BLIP VQA "

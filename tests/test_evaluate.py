@@ -264,23 +264,58 @@ def test_vqa_end_to_end_on_vqav2_files(name, blip_opt, blip_t5, tmp_path):
     assert lim["n"] == 1 and 0 <= lim["vqa_accuracy"] <= 100 and math.isfinite(lim["vqa_accuracy"])
 
 
-@pytest.mark.parametrize("name", ["tiny-blip2-opt", "tiny-blip2-t5"])
-def test_generate_answers_equals_direct_generate_and_padding_is_invisible(name, blip_opt, blip_t5):
-    adapter = blip_opt if name.endswith("opt") else blip_t5
+def _direct_generate(adapter, image, prompt, **gen):
+    """One question through ``Blip2ForConditionalGeneration.generate`` alone: no padding, no batch, transformers'
+    own beam expansion; the new tokens decoded."""
     m, tok = adapter.model, adapter.tokenizer
+    ids = torch.tensor([[m.config.image_token_index] * m.config.num_query_tokens
+                        + tok.encode(prompt, add_special_tokens=True)])
+    pixel = image if isinstance(image, torch.Tensor) else adapter.preprocess(image)
+    with torch.no_grad():
+        out = m.generate(pixel_values=pixel[None], input_ids=ids, attention_mask=torch.ones_like(ids),
+                         do_sample=False, eos_token_id=m.config.text_config.eos_token_id,
+                         pad_token_id=adapter.pad_id, **gen)
+    new = out[0, ids.shape[1]:] if not adapter.is_t5 else out[0]
+    return tok.decode(new.tolist(), skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("name", ["tiny-blip2-opt", "tiny-blip2-t5"])
+def test_batched_generation_gives_the_one_by_one_answers(name, blip_opt, blip_t5):
+    """Batches mix prompt lengths (left padding for OPT, right for T5's encoder, the order sorted by length);
+    greedy and beam answers are still, string for string, those of one question at a time through
+    transformers' own generate (beam: the prompt's cache shared by the beams vs. generate's per-beam prefill)."""
+    adapter = blip_opt if name.endswith("opt") else blip_t5
     g = torch.Generator().manual_seed(3)
-    images = [torch.randn(3, 32, 32, generator=g) for _ in range(4)]
-    prompts = ["Question: what? Short answer:", "a", "Question: which colour is the large thing? Short answer:", ""]
-    batched = generate_answers(adapter, images, prompts, max_new_tokens=5, batch_size=4)
-    for im, p, got in zip(images, prompts, batched):
-        ids = torch.tensor([[m.config.image_token_index] * m.config.num_query_tokens
-                            + tok.encode(p, add_special_tokens=True)])
-        with torch.no_grad():
-            out = m.generate(pixel_values=im[None], input_ids=ids, attention_mask=torch.ones_like(ids),
-                             max_new_tokens=5, do_sample=False)
-        new = out[0, ids.shape[1]:] if not adapter.is_t5 else out[0]
-        assert got == tok.decode(new.tolist(), skip_special_tokens=True).strip()
-    assert len(set(batched)) > 1  # the answers depend on the input
+    images = [torch.randn(3, 32, 32, generator=g) for _ in range(20)]
+    texts = ["Question: what? Short answer:", "a", "Question: which colour is the large thing? Short answer:", "",
+             "Question: how many red cubes are there on the table? Short answer:"]
+    prompts = [texts[i % 5] for i in range(20)]
+    assert len({len(adapter.tokenizer.encode(p, add_special_tokens=True)) for p in prompts}) == 5  # batches pad
+    for gen in (dict(max_new_tokens=5, num_beams=1),
+                dict(max_new_tokens=5, num_beams=3, min_new_tokens=1, length_penalty=-1.0)):
+        direct = [_direct_generate(adapter, im, p, **gen) for im, p in zip(images, prompts)]
+        for batch_size in (1, 6, None):
+            kw = {} if batch_size is None else {"batch_size": batch_size}
+            assert generate_answers(adapter, images, prompts, **gen, **kw) == direct, (gen, batch_size)
+        assert len(set(direct)) > 3  # the answers depend on the input
+
+
+def test_mini_blip2_batched_answers_equal_one_by_one(mini_blip2):
+    """The bundled model: digit and parity questions (prompts of different lengths) interleaved, greedy at the
+    default batch size vs one question at a time; beam 5 vs transformers' own per-question beam search."""
+    from ecoflap_utils.zoo import miniblip2 as mb
+
+    adapter = mini_blip2
+    rows = mb.bundled_eval_data("vqav2", limit=16)
+    images, prompts = [r["image"] for r in rows], [mb.VQA_PROMPT.format(r["question"]) for r in rows]
+    assert len({len(adapter.tokenizer.encode(p)) for p in prompts}) == 2
+    kw = dict(max_new_tokens=4, min_new_tokens=1, progress=False)
+    one = generate_answers(adapter, images, prompts, batch_size=1, **kw)
+    assert generate_answers(adapter, images, prompts, **kw) == one
+    assert sum(a == r["answers"][0] for a, r in zip(one, rows)) >= 14  # a trained model: measured 16 of 16
+    beam = dict(max_new_tokens=4, min_new_tokens=1, num_beams=5, length_penalty=-1.0)
+    direct = [_direct_generate(adapter, im, p, **beam) for im, p in zip(images[:4], prompts[:4])]
+    assert generate_answers(adapter, images[:4], prompts[:4], progress=False, **beam) == direct
 
 
 def test_gqa_exact_match_and_bundled_vqa_rows(blip_opt, tmp_path):
