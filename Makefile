@@ -23,8 +23,11 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(PY) -m ecoflap_utils runs grids/default.yaml --out runs --jobs $(JOBS)
 
+# Two pytest workers with one intra-op thread each (tests/conftest.py starts the two whole-grid notebook runs
+# first, one on each worker). TEST_WORKERS=0 runs everything in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest tests
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=$${MKL_NUM_THREADS:-1} $(PY) -m pytest tests -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(PY) bench/scores.py

@@ -42,3 +42,14 @@ def mini_blip2():
     """The bundled mini-blip2 (about 40 s to load on one thread), shared by the modules that only read it:
     a test must not prune or train it."""
     return load_model("mini-blip2")
+
+
+# The two whole-grid notebook runs take most of the suite's time. `make test` runs pytest with two workers
+# (pytest-xdist, one thread each); started first, they go one to each worker and the rest of the suite fills in
+# around them, so the suite takes about as long as the longer of the two.
+SLOW_FIRST = ("test_every_notebook_runs_on_the_tiny_models", "test_smoke_grid_on_the_bundled_models")
+
+
+def pytest_collection_modifyitems(config, items):
+    first = [it for it in items if it.name in SLOW_FIRST]
+    items[:] = first + [it for it in items if it.name not in SLOW_FIRST]

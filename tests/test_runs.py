@@ -136,7 +136,7 @@ def test_unknown_parameter_is_refused_before_anything_runs(tmp_path, capsys):
     msg = str(err.value)
     assert "\n" not in msg
     assert msg.startswith(f"{grid}: runs[1]: 'CALIBRATION', 'sparsty' (did you mean 'sparsity'?) are not parameters "
-                          f"of {TOY} (its parameters: model, task, method, sparsity, FAIL, COUNTER_FILE, SLEEP): fix the name"), msg
+                          f"of {TOY} (its parameters: model, task, method, sparsity, FAIL, COUNTER_FILE, SLEEP, SEEDS): fix the name"), msg
     assert not (tmp_path / "out").exists() and not counter.exists()  # nothing ran, nothing was written
     with pytest.raises(UserError, match=r"^grid: 'Sparsity' \(did you mean 'sparsity'\?\) is not a parameter of"):
         runs.expand_grid({"notebook": str(TOY), "parameters": {"Sparsity": 0.5}})
