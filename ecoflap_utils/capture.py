@@ -134,6 +134,29 @@ def stack_groups(blocks: Sequence[Block]) -> list[list[Block]]:
 
 
 @contextmanager
+def intra_op_threads(n: int | None) -> Iterator[None]:
+    """Run the ``with`` body at ``n`` torch intra-op threads (``None``: as they are); restored on exit.
+
+    On CPU the thread count changes the rounding, not only the speed. Measured here (MKL, 1 vs 2 threads):
+    a float32 matmul with a long inner size and few rows (1024 or more inputs, 16-256 rows; equal at 512
+    inputs) such as mini-blip2's Q-Former ``output_query.dense`` and mini-clip's text ``output.dense``, and
+    the Cholesky factorisation and ``cholesky_inverse`` from 96-160 columns on, differ in their last bits;
+    elementwise ops, layer norms, softmax and X^T X over a few thousand tokens did not. One thread gives one
+    answer whatever the process's thread count (on one CPU and library build; another CPU's kernels may round
+    differently). Only CPU work is affected (``torch.set_num_threads``); CUDA kernels do not use these threads.
+    """
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
 def replaced_forward(module: nn.Module, fn) -> Iterator[None]:
     """Temporarily replace ``module.forward`` (hooks still run); restored on exit."""
     had = "forward" in module.__dict__

@@ -27,7 +27,14 @@ def wanda_scores(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
 
 
 class _Stats:
-    """Per-layer calibration statistics: sum of squares per input feature (Wanda) or X^T X (SparseGPT)."""
+    """Per-layer calibration statistics: sum of squares per input feature (Wanda) or X^T X (SparseGPT).
+
+    Plain float32 sums over the calibration tokens. The reference codes keep float32 running means instead:
+    Wanda's ``scaler_row`` (locuslab/wanda ``lib/layerwrapper.py`` L31-35) and SparseGPT's H, rescaled by
+    n/(n+b) and fed sqrt(2/n)-scaled inputs (IST-DASLab/sparsegpt ``sparsegpt.py`` L43-46). A positive scale
+    changes neither Wanda's ranking nor SparseGPT's masks and updates (its damping is relative to mean diag H),
+    only the rounding. Across thread counts these sums were bit-identical when their inputs were (mini-blip2's
+    ViT at 1 vs 2 threads); ``prune`` runs them at one thread anyway (``prune``'s ``threads``)."""
 
     def __init__(self, name: str, cols: int, kind: str, device):
         self.name, self.kind, self.tokens = name, kind, 0

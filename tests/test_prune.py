@@ -183,6 +183,7 @@ def test_nan_in_calibration_statistics_is_an_error():
     (dict(sparsity=0.6, nm="2:4"), "prunes exactly 0.5"),
     (dict(sparsity=0.5, method="obs"), "unknown method"),
     (dict(sparsity={"model.layers.0.nope.weight": 0.5}), "does not have"),
+    (dict(sparsity=0.5, threads=0), "threads must be a positive whole number"),
 ])
 def test_bad_input_is_refused(bad, match):
     a = load_model("tiny-llama")
