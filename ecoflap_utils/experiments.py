@@ -375,6 +375,44 @@ def sparsity_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities:
     return records
 
 
+def seeded_sweep(adapter: ModelAdapter, *, methods: Sequence[str], sparsities: Sequence[float],
+                 seeds: Sequence[int], include_dense: bool = True,
+                 score_cache: dict[int, dict[str, tuple[dict, dict]]] | None = None,
+                 **kw: Any) -> list[dict[str, Any]]:
+    """:func:`sparsity_sweep` over several calibration ``seeds`` (issue 18): the dense model evaluated once, then every
+    method at every sparsity pruned and evaluated once per seed.
+
+    The seed picks the calibration samples of both stages and the zeroth-order noise directions. Each seed's
+    coarse-stage scores are computed once and reused across its sparsities (and by a later call with the same
+    ``score_cache``), which is keyed by seed: ``{seed: sparsity_sweep's score cache}``, so ``score_cache[seed]``
+    can be handed to :func:`ablation_scores`. ``kw``: the rest of :func:`sparsity_sweep`'s keywords (``task``,
+    ``data``, ``limit``, ``calib_samples``, ``protocol``, ``on_pruned``, ...; not ``seed``).
+
+    Records: the dense one first (no ``config.seed``: one measurement), then one :func:`sparsity_sweep` per seed
+    in the order of ``seeds`` (methods x sparsities, each followed by what ``on_pruned`` returned); every pruned
+    record carries ``config.seed`` and ``config.seeds`` (this call's list), which is how ``report`` pools them
+    into mean and min–max over seeds (``records.points``). Seeds that are not a non-empty list of distinct
+    integers are a one-line UserError."""
+    from .errors import UserError
+    from .records import check_seeds
+
+    if "seed" in kw:
+        raise UserError("seeded_sweep takes seeds=[...], not seed=: give the list of calibration seeds, e.g. [0, 1, 2]")
+    seeds = check_seeds(seeds, "seeds")
+    score_cache = {} if score_cache is None else score_cache
+    records = []
+    if include_dense:  # one evaluation of the unpruned model: it does not depend on the seed
+        records += sparsity_sweep(adapter, methods=[], sparsities=[], include_dense=True,
+                                  **{k: v for k, v in kw.items() if k != "on_pruned"})
+    for seed in seeds:
+        for r in sparsity_sweep(adapter, methods=methods, sparsities=sparsities, seed=seed, include_dense=False,
+                                score_cache=score_cache.setdefault(seed, {}), **kw):
+            if r["method"] != "dense" and "seed" in r["config"]:
+                r["config"]["seeds"] = list(seeds)
+            records.append(r)
+    return records
+
+
 #: the methods of the rebuttal's CLIP table and the issue that asks for it: Wanda, ECoFLaP (zeroth order, Wanda fine
 #: stage), SparseGPT, ECoFLaP on SparseGPT
 COOP_METHODS = ("wanda", "ecoflap-zeroth", "sparsegpt", "ecoflap-zeroth-sparsegpt")

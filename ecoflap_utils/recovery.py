@@ -8,6 +8,9 @@
 * ``config.steps``: fine-tuning steps done (0: pruned, not fine-tuned), ``config.finetuned`` (``steps > 0``),
   ``config.stacks`` (what was trained, a list) and ``config.trained`` (the same as one string, ``"qformer+lm"``),
   ``config.final`` (True for the last point of each curve, and for the step-0 point);
+* ``config.seed`` (the calibration samples, the zeroth-order noise and the fine-tuning batches) and, with
+  ``seeds=[...]``, ``config.seeds``: the end points (step 0 and the last step) are measured at every seed, the
+  intermediate points of a curve at the first seed only;
 * ``resources.finetune``: wall time, seconds per step, first and last losses (the fine-tuned records).
 
 ``upop_table`` assembles the two-part table of notebook 07: the authors' BLIP numbers at 0.5 sparsity (quoted
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping, Sequence
 
-from .experiments import evaluate_task_with_intervals, record, sparsity_sweep
+from .experiments import evaluate_task_with_intervals, record, seeded_sweep, sparsity_sweep
 from .finetune import finetune, resolve_stacks, zero_pattern
 from .models.base import ModelAdapter
 
@@ -53,7 +56,8 @@ def recovery_curves(adapter: ModelAdapter, *, methods: Sequence[str], sparsities
                     eval_every: int | None, lr: float, stacks: str | Iterable[str] | None = None,
                     eval_limit: int | None = 200, task: str | None = None, data: Any = None, ft_data: Any = None,
                     batch_size: int = 16, weight_decay: float = 0.0, warmup: float | int = 0.1,
-                    calib_samples: int = 64, first_stage_samples: int = 32, seed: int = 0, num_beams: int = 1,
+                    calib_samples: int = 64, first_stage_samples: int = 32, seed: int = 0,
+                    seeds: Sequence[int] | None = None, num_beams: int = 1,
                     include_dense: bool = True, score_cache: dict | None = None, autocast: bool = False,
                     check_pattern: bool = True, progress: bool | None = None,
                     perturb: str = "tensor", protocol: str | None = None,
@@ -66,7 +70,12 @@ def recovery_curves(adapter: ModelAdapter, *, methods: Sequence[str], sparsities
     the model's bundled training samples). With ``check_pattern`` every curve asserts that the zero pattern of the
     pruned weights is the same after fine-tuning. The model's weights are put back after each curve.
     ``protocol`` and ``calibration`` (a path) prune as in :func:`~ecoflap_utils.experiments.sparsity_sweep` (the
-    paper's settings; calibration read from disk, recorded under ``config.calibration``)."""
+    paper's settings; calibration read from disk, recorded under ``config.calibration``).
+    ``seeds``: prune and fine-tune once per seed (:func:`~ecoflap_utils.experiments.seeded_sweep`: the dense model
+    evaluated once, each seed's coarse-stage scores computed once, ``score_cache`` keyed by seed); every curve is
+    evaluated at step 0 and at its last step, and only the first seed's curves also every ``eval_every`` steps
+    (what the end points need is the spread over seeds; the shape of a curve is shown once). None: ``seed``
+    alone, as before."""
     chosen = resolve_stacks(adapter, stacks)
     eval_kw = {"num_beams": num_beams} if getattr(adapter, "family", None) == "blip2" else {}
     ft_conf = {"stacks": chosen, "trained": _trained(chosen), "lr": float(lr), "batch_size": int(batch_size),
@@ -83,9 +92,11 @@ def recovery_curves(adapter: ModelAdapter, *, methods: Sequence[str], sparsities
             return metrics
 
         pattern = zero_pattern(model) if check_pattern else None
-        res = finetune(model, ft_data, steps=steps, lr=lr, stacks=chosen, batch_size=batch_size, seed=seed,
+        own_seed = int(before["config"].get("seed", seed))
+        every = eval_every if seeds is None or own_seed == seeds[0] else None  # other seeds: end points only
+        res = finetune(model, ft_data, steps=steps, lr=lr, stacks=chosen, batch_size=batch_size, seed=own_seed,
                        weight_decay=weight_decay, warmup=warmup, autocast=autocast, eval_fn=eval_fn,
-                       eval_every=eval_every, progress=progress)
+                       eval_every=every, progress=progress)
         if pattern is not None:
             after = zero_pattern(model, pattern)
             changed = [n for n in pattern if not bool((after[n] | ~pattern[n]).all())]
@@ -105,11 +116,16 @@ def recovery_curves(adapter: ModelAdapter, *, methods: Sequence[str], sparsities
                               {**before["resources"], "finetune": spent}, conf, intervals=intervals.get(k)))
         return out
 
-    return sparsity_sweep(adapter, methods=methods, sparsities=sparsities, task=task, data=data, limit=eval_limit,
-                          calib_samples=calib_samples, first_stage_samples=first_stage_samples, seed=seed,
-                          include_dense=include_dense, eval_kw=eval_kw, score_cache=score_cache,
-                          progress=progress, on_pruned=on_pruned, perturb=perturb, protocol=protocol,
-                          calibration=calibration)
+    kw = dict(methods=methods, sparsities=sparsities, task=task, data=data, limit=eval_limit,
+              calib_samples=calib_samples, first_stage_samples=first_stage_samples, include_dense=include_dense,
+              eval_kw=eval_kw, score_cache=score_cache, progress=progress, on_pruned=on_pruned, perturb=perturb,
+              protocol=protocol, calibration=calibration)
+    if seeds is not None:
+        from .records import check_seeds
+
+        seeds = check_seeds(seeds, "seeds")
+        return seeded_sweep(adapter, seeds=seeds, **kw)
+    return sparsity_sweep(adapter, seed=seed, **kw)
 
 
 def final_records(records: Sequence[Mapping[str, Any]], *, finetuned: bool | None = None,
@@ -141,12 +157,19 @@ def labelled(records: Sequence[Mapping[str, Any]], trained: str | None = None) -
     return out
 
 
-def _measured(r: Mapping[str, Any], metric: str) -> str:
-    v = r["metrics"].get(metric)
-    if v is None:
+def _measured(hits: Sequence[Mapping[str, Any]], metric: str) -> str:
+    """One point of ``upop_table``: ``value [low, high]``; over several seeds ``mean (min–max over n seeds) [low,
+    high]``, the interval the mean of the seeds' bounds (as ``records.points`` pools them)."""
+    values = [float(r["metrics"][metric]) for r in hits if metric in r["metrics"]]
+    if not values:
         return "–"
-    iv = (r.get("intervals") or {}).get(metric)
-    return f"{v:.1f} [{iv[0]:.1f}, {iv[1]:.1f}]" if iv else f"{v:.1f}"
+    text = f"{sum(values) / len(values):.1f}"
+    if len(values) > 1:
+        text += f" ({min(values):.1f}–{max(values):.1f} over {len(values)} seeds)"
+    ivs = [(r.get("intervals") or {}).get(metric) for r in hits]
+    if all(ivs):
+        text += f" [{sum(i[0] for i in ivs) / len(ivs):.1f}, {sum(i[1] for i in ivs) / len(ivs):.1f}]"
+    return text
 
 
 def upop_table(records: Sequence[Mapping[str, Any]], *, sparsity: float = 0.5, methods: Sequence[str] = (
@@ -156,7 +179,8 @@ def upop_table(records: Sequence[Mapping[str, Any]], *, sparsity: float = 0.5, m
     (a) the paper's numbers (``PAPER_ROWS``, source ``PAPER_SOURCE``), UPop's row marked "reported, not run";
     (b) this run's rows at ``sparsity``: dense, then each of ``methods`` without and with fine-tuning (the end of
         its curve; ``trained``: only curves that trained that stack choice), ``metric`` (default: the task's
-        headline metric) with its 95 % interval in the first column; a missing record reads "not run".
+        headline metric) with its 95 % interval in the first column, over several seeds as the mean (min–max over
+        the seeds) [the mean of their intervals]; a missing record reads "not run".
     Columns: part, row, source, the four paper columns."""
     import pandas as pd
 
@@ -166,33 +190,65 @@ def upop_table(records: Sequence[Mapping[str, Any]], *, sparsity: float = 0.5, m
     ends = final_records(records, trained=trained)
     blank = dict.fromkeys(PAPER_COLUMNS[1:], "")
 
-    def ours(label: str, hit: Mapping[str, Any] | None) -> dict[str, Any]:
-        where = (f"measured on {hit['model']}, {hit['task']}, {metric} [95 % interval]" if hit else "not run")
+    def ours(label: str, hits: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        seeds = " (min–max over seeds)" if len(hits) > 1 else ""
+        where = (f"measured on {hits[0]['model']}, {hits[0]['task']}, {metric}{seeds} [95 % interval]" if hits
+                 else "not run")
         return {"part": "(b) this run", "row": label, "source": where,
-                PAPER_COLUMNS[0]: _measured(hit, metric) if hit else "not run", **blank}
+                PAPER_COLUMNS[0]: _measured(hits, metric) if hits else "not run", **blank}
 
-    dense = next((r for r in ends if r["method"] == "dense"), None)
+    dense = [r for r in ends if r["method"] == "dense"][:1]
     rows.append(ours("Full model (dense)", dense))
     names = {"wanda": "Wanda", "ecoflap-zeroth": "ECoFLaP", "sparsegpt": "SparseGPT"}
     for ft in (False, True):
         for m in methods:
-            hit = next((r for r in ends if r["method"] == m and abs(r["sparsity"] - sparsity) < 1e-9
-                        and bool(r["config"].get("finetuned")) == ft), None)
-            rows.append(ours(f"{names.get(m, m)} ({'w/' if ft else 'w/o'} fine-tuning)", hit))
+            hits = [r for r in ends if r["method"] == m and abs(r["sparsity"] - sparsity) < 1e-9
+                    and bool(r["config"].get("finetuned")) == ft]
+            hits = [r for r in hits if r["config"].get("trained") == hits[0]["config"].get("trained")]  # its seeds
+            rows.append(ours(f"{names.get(m, m)} ({'w/' if ft else 'w/o'} fine-tuning)", hits))
     return pd.DataFrame(rows).set_index(["part", "row"])
+
+
+def end_frame(records: Sequence[Mapping[str, Any]], metric: str | None = None):
+    """The end points of every curve (step 0 and the last step, :func:`final_records`), one row per method,
+    sparsity, stack choice and steps, pooled over seeds as :func:`curve_frame` pools them (the mean, ``low`` and
+    ``high`` the mean item interval, ``seed min``, ``seed max``, ``seeds``), with ``s/step``: the mean seconds per
+    fine-tuning step (empty for step 0)."""
+    metric = metric or main_metric_of(records)
+    ends = [r for r in final_records(records) if r["method"] != "dense"]
+    frame = curve_frame(ends, metric)
+    cost: dict[tuple, list[float]] = {}
+    for r in ends:
+        s = (r.get("resources") or {}).get("finetune", {}).get("seconds_per_step")
+        if s is not None and r["config"].get("finetuned"):
+            key = (r["method"], r["sparsity"], r["config"].get("trained"), r["config"]["steps"])
+            cost.setdefault(key, []).append(float(s))
+    frame["s/step"] = [sum(v) / len(v) if (v := cost.get(k)) else float("nan")
+                       for k in zip(frame["method"], frame["sparsity"], frame["trained"], frame["steps"])]
+    return frame
 
 
 def curve_frame(records: Sequence[Mapping[str, Any]], metric: str = "vqa_accuracy"):
     """One row per evaluated point of each curve: method, sparsity, trained, steps, the metric and its interval
-    (the figure of notebook 07 plots it)."""
+    (the figure of notebook 07 plots it). A point measured at several seeds (``config.seed``; ``seeds=`` of
+    :func:`recovery_curves`) is one row: the mean over the seeds, ``low`` and ``high`` the mean of their item
+    intervals (as ``records.points`` pools them), ``seed min``, ``seed max`` and ``seeds`` (how many)."""
+    import numpy as np
     import pandas as pd
 
-    rows = []
+    cells: dict[tuple, list[tuple[float, float, float]]] = {}
     for r in records:
         c = r.get("config", {})
         if r.get("method") == "dense" or "steps" not in c or metric not in r.get("metrics", {}):
             continue
         iv = (r.get("intervals") or {}).get(metric) or [float("nan"), float("nan")]
-        rows.append({"method": r["method"], "sparsity": r["sparsity"], "trained": c.get("trained"),
-                     "steps": c["steps"], metric: r["metrics"][metric], "low": iv[0], "high": iv[1]})
-    return pd.DataFrame(rows)
+        key = (r["method"], r["sparsity"], c.get("trained"), c["steps"])
+        cells.setdefault(key, []).append((float(r["metrics"][metric]), float(iv[0]), float(iv[1])))
+    rows = []
+    for (method, sparsity, trained, steps), got in cells.items():
+        v, lo, hi = (np.array(x) for x in zip(*got))
+        rows.append({"method": method, "sparsity": sparsity, "trained": trained, "steps": steps,
+                     metric: float(v.mean()), "low": float(lo.mean()), "high": float(hi.mean()),
+                     "seed min": float(v.min()), "seed max": float(v.max()), "seeds": len(got)})
+    return pd.DataFrame(rows, columns=["method", "sparsity", "trained", "steps", metric, "low", "high", "seed min",
+                                       "seed max", "seeds"])

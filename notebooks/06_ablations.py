@@ -6,7 +6,8 @@
 # ECoFLaP on top of SparseGPT, the loss landscape along random directions (Fig. 6), and ECoFLaP on a
 # language model alone (like the paper's LLaMA experiment) with perplexity.
 #
-# **You will learn** which knobs matter and how much, measured, on a CPU in minutes.
+# **You will learn** which knobs matter and how much, measured, on a CPU in minutes; and whether ECoFLaP's
+# gain over uniform Wanda on a language model is larger than the noise (the spread over calibration seeds).
 
 # %%
 import matplotlib.pyplot as plt
@@ -15,6 +16,7 @@ import torch
 
 from ecoflap_utils import experiments as ex, load_model, plots, report
 from ecoflap_utils.io import write_json_atomic
+from ecoflap_utils.records import check_seeds
 from ecoflap_utils.report import format_table, summarize
 plots.set_style()
 from ecoflap_utils import prune
@@ -41,18 +43,19 @@ CALIB_SAMPLES: int = 32  # fine-stage calibration samples
 SEQ_LEN: int = 64  # tokens per calibration sample
 EVAL_LIMIT: int = 8  # perplexity windows of 512 tokens (None: all)
 PERTURB: str = "tensor"  # zeroth-order estimator: tensor (the paper's) or group (a joint direction per block)
-SEED: int = 0  # seed
+SEEDS: list = [0, 1, 2]  # calibration seeds of the sparsity sweep (samples and zeroth-order noise); the ablations use the first
 PROTOCOL: str = None  # "paper": the sweep and the ablations' pruning with the official code's settings for the LM (protocol.py); None: ours
 CALIBRATION: str = None  # text on disk for the LM's calibration (C4's c4-train.00000-of-01024.json.gz or a .txt, data/BENCHMARKS.md); None: the model's own samples
 VLM_CALIBRATION: str = None  # calibration data on disk for the VLM's loss landscape (CC3M shards, COCO captions, a CLIP train split); None: its own samples
 OUT_DIR: str = "runs/06_ablations"  # where results.json and figures go
 
 # %%
+SEEDS = check_seeds(SEEDS)  # a one-line error for an empty list or one that is not distinct integers
 lm = load_model(MODEL, device=DEVICE, dtype=DTYPE)
 lm.seq_len = SEQ_LEN
 ex.check_protocol_parameters(lm, PROTOCOL, calib_samples=CALIB_SAMPLES, first_stage_samples=FIRST_STAGE_SAMPLES,
                              perturb=PERTURB, seq_len=SEQ_LEN)
-calib, source = ex.calibration_for(lm, CALIBRATION, CALIB_SAMPLES, SEED)  # source: None when generated
+calib, source = ex.calibration_for(lm, CALIBRATION, CALIB_SAMPLES, SEEDS[0])  # the ablations' (None: generated)
 groups = score_groups(lm, "block")
 sizes = {g: v["size"] for g, v in group_info(lm, groups).items()}
 
@@ -67,8 +70,9 @@ def ppl_at(layer_sparsity, method="wanda", nm=None):
 # ## The language model alone: dense, uniform Wanda and SparseGPT, ECoFLaP
 #
 # The paper's LLaMA experiment in small: perplexity (lower is better) of uniform Wanda, uniform SparseGPT
-# and ECoFLaP (zeroth- and first-order scores, Wanda fine stage) at each sparsity. The coarse-stage
-# scores are computed once per score method and reused below. `PERTURB` picks the zeroth-order estimator:
+# and ECoFLaP (zeroth- and first-order scores, Wanda fine stage) at each sparsity, once per seed in `SEEDS`
+# (the dense model once): the seed draws the calibration windows of both stages and the noise directions.
+# Each seed's coarse-stage scores are computed once per score method; the first seed's are reused below. `PERTURB` picks the zeroth-order estimator:
 # the paper's per-tensor one by default; the bundled default grid (`grids/default.yaml`) sets `group` here,
 # one direction per block, because the per-tensor pass over SmolLM2's 210 tensors would take most of
 # `make run`'s half hour on two cores: it estimates ||g_block|| rather than the sum of the tensors' norms
@@ -82,28 +86,34 @@ def ppl_at(layer_sparsity, method="wanda", nm=None):
 # that contradict them.
 
 # %%
-score_cache = {}
-records = ex.sparsity_sweep(lm, methods=METHODS, sparsities=BASELINE_SPARSITIES, task="perplexity", limit=EVAL_LIMIT,
-                            calib_samples=CALIB_SAMPLES, first_stage_samples=FIRST_STAGE_SAMPLES, seed=SEED, score_cache=score_cache,
-                            perturb=PERTURB, protocol=PROTOCOL, calibration=CALIBRATION)
-pd.DataFrame([{"method": r["method"], "sparsity": r["sparsity"], **r["metrics"]} for r in records])
+score_cache = {}  # seed -> the coarse-stage scores of that seed
+records = ex.seeded_sweep(lm, methods=METHODS, sparsities=BASELINE_SPARSITIES, seeds=SEEDS, task="perplexity",
+                          limit=EVAL_LIMIT, calib_samples=CALIB_SAMPLES, first_stage_samples=FIRST_STAGE_SAMPLES,
+                          score_cache=score_cache, perturb=PERTURB, protocol=PROTOCOL, calibration=CALIBRATION)
+fig, ax = plt.subplots(figsize=(6, 4))  # bars: min-max over the seeds (lower is better)
+plots.metric_vs_sparsity(ax, records, "perplexity")
+ax.set_title(f"{lm.name} · perplexity over {len(SEEDS)} seeds")
+plots.save(fig, OUT_DIR, "06_perplexity_vs_sparsity")
+pd.DataFrame([{"method": r["method"], "sparsity": r["sparsity"], "seed": r["config"].get("seed"), **r["metrics"]}
+              for r in records])
 
 
 # %% [markdown]
 # ## ε, noise samples, first-stage samples
 #
 # Each row: zeroth-order block scores with one setting changed, ECoFLaP allocation at `TARGET`, Wanda,
-# perplexity. `score_s` is the coarse stage's wall time (the default setting reuses the sweep's scores).
+# perplexity, at the first seed only (one measurement each: its comparison with uniform Wanda below says
+# so). `score_s` is the coarse stage's wall time (the default setting reuses the sweep's first-seed scores).
 
 # %%
 def ecoflap_ppl(label, method="wanda", margin=0.1, **score_kw):
     base = {"samples": FIRST_STAGE_SAMPLES, "eps": 1e-3, "num_noise": 1, "perturb": PERTURB, **ex.score_settings(lm, PROTOCOL)}
-    sc, cost, first = ex.ablation_scores(lm, score_cache, base, calibration=CALIBRATION, seed=SEED, protocol=PROTOCOL,
-                                         **score_kw)  # the unchanged setting reuses the sweep's scores
+    sc, cost, first = ex.ablation_scores(lm, score_cache.setdefault(SEEDS[0], {}), base, calibration=CALIBRATION,
+                                         seed=SEEDS[0], protocol=PROTOCOL, **score_kw)  # unchanged: the sweep's
     sp = allocate_sparsity(sc, sizes, TARGET, max_sparsity=min(TARGET + margin, 0.99))
     rec = ex.record(lm.name, f"ecoflap ({label})", TARGET, "perplexity", {"perplexity": ppl_at(expand_to_layers(sp, groups), method)},
                     {"scores": cost}, ex.calibration_config(PROTOCOL, fine=source, first_stage=first, label=label,
-                                                            max_block_sparsity=max(sp.values())))
+                                                            seed=SEEDS[0], max_block_sparsity=max(sp.values())))
     records.append(rec)
     return {"setting": label, "perplexity": rec["metrics"]["perplexity"], "score_s": cost["wall_s"]}
 rows = [ecoflap_ppl(f"eps={e:g}", eps=e) for e in EPS_VALUES]
@@ -132,7 +142,7 @@ for nm in NM_PATTERNS:
     for method in NM_METHODS:
         p = ppl_at(None, method, nm=nm)
         records.append(ex.record(lm.name, f"{method} {nm}", 0.5, "perplexity", {"perplexity": p},
-                                 config=ex.calibration_config(PROTOCOL, fine=source, nm=nm)))
+                                 config=ex.calibration_config(PROTOCOL, fine=source, nm=nm, seed=SEEDS[0])))
         nm_rows.append({"pattern": nm, "method": method, "perplexity": p})
 pd.DataFrame(nm_rows)
 
@@ -147,7 +157,7 @@ pd.DataFrame(nm_rows)
 # %%
 vlm = load_model(VLM, device=DEVICE, dtype=DTYPE)
 alphas = [-0.2, -0.1, -0.05, -0.02, 0.0, 0.02, 0.05, 0.1, 0.2]
-land = ex.loss_landscape(vlm, alphas=alphas, directions=3, samples=16, seed=SEED, calibration=VLM_CALIBRATION)
+land = ex.loss_landscape(vlm, alphas=alphas, directions=3, samples=16, seed=SEEDS[0], calibration=VLM_CALIBRATION)
 fig, ax = plt.subplots(figsize=(6, 4))
 plots.line_by_group(ax, alphas, {f"{m} (mean of {c.shape[0]})": c.mean(0) for m, c in land.items()},
                     xlabel="α (step along a random direction, × ‖W‖)", ylabel="L(W + αd) − L(W)")
@@ -156,7 +166,8 @@ plots.save(fig, OUT_DIR, "06_loss_landscape")
 
 # %%
 write_json_atomic(f"{OUT_DIR}/results.json", records)
-pd.DataFrame([{"method": r["method"], "sparsity": r["sparsity"], **r["metrics"]} for r in records])
+pd.DataFrame([{"method": r["method"], "sparsity": r["sparsity"], "seed": r["config"].get("seed"), **r["metrics"]}
+              for r in records])
 
 # %% [markdown]
 # ## What this shows

@@ -124,3 +124,44 @@ def test_track_records_time_memory_and_the_thread_count():
     assert r["threads"] == 1 and r["memory_kind"] == "process_rss"
     assert r["wall_s"] >= 0.05 and 55 <= r["peak_delta_mb"] <= 200 and r["peak_mb"] > r["peak_delta_mb"]
     del x
+
+
+def test_seeded_sweep_evaluates_dense_once_and_prunes_once_per_seed(monkeypatch):
+    """Issue 18: the dense model is evaluated once per run, every pruned cell once per seed; the seed draws the
+    calibration samples (other masks) and the coarse stage's samples and noise (other scores, one pass per seed
+    shared by its sparsities); every pruned record names its seed, and the headline pools them."""
+    from ecoflap_utils import report
+
+    a = load_model("tiny-clip")
+    before = _state(a)
+    evals, passes, masks = [], [], {}
+    real_eval, real_scores = ex.evaluate_task_with_intervals, ex.estimate_scores
+    monkeypatch.setattr(ex, "evaluate_task_with_intervals", lambda *args, **kw: evals.append(1) or real_eval(*args, **kw))
+    monkeypatch.setattr(ex, "estimate_scores", lambda *args, **kw: passes.append(kw["seed"]) or real_scores(*args, **kw))
+
+    def keep_masks(adapter, rec):  # the pruned model, before its weights are put back
+        masks[(rec["method"], rec["sparsity"], rec["config"]["seed"])] = [
+            adapter.model.get_parameter(n).detach() == 0 for n in adapter.layer_names()]
+        return []
+
+    cache = {}
+    recs = ex.seeded_sweep(a, methods=["wanda", "ecoflap-zeroth"], sparsities=[0.5, 0.7], seeds=[3, 5], limit=16,
+                           calib_samples=8, first_stage_samples=8, score_cache=cache, progress=False,
+                           on_pruned=keep_masks)
+    assert len(evals) == 1 + 2 * 2 * 2 and passes == [3, 5]
+    assert [(r["method"], r["sparsity"], r["config"].get("seed")) for r in recs] == [("dense", 0.0, None)] + [
+        (m, s, seed) for seed in (3, 5) for m in ("wanda", "ecoflap-zeroth") for s in (0.5, 0.7)]
+    assert "seeds" not in recs[0]["config"] and all(r["config"]["seeds"] == [3, 5] for r in recs[1:])
+    assert any(not torch.equal(x, y) for x, y in zip(masks[("wanda", 0.7, 3)], masks[("wanda", 0.7, 5)]))
+    assert sorted(cache) == [3, 5] and cache[3]["zeroth"][0] != cache[5]["zeroth"][0]
+    assert _same(a, before)
+    table = report.headline_table(recs)
+    acc = {seed: next(r["metrics"]["acc1"] for r in recs if r["method"] == "wanda" and r["sparsity"] == 0.7
+                      and r["config"].get("seed") == seed) for seed in (3, 5)}
+    assert table.loc["wanda", "0.7"] == pytest.approx((acc[3] + acc[5]) / 2)
+    assert list(table.loc["wanda", ["0.7 seed min", "0.7 seed max", "0.7 seeds"]]) == [min(acc.values()),
+                                                                                     max(acc.values()), 2]
+    with pytest.raises(UserError, match=r"seeds is \[\]: give a non-empty list"):
+        ex.seeded_sweep(a, methods=["wanda"], sparsities=[0.5], seeds=[])
+    with pytest.raises(UserError, match="seeds=\\[...\\], not seed="):
+        ex.seeded_sweep(a, methods=["wanda"], sparsities=[0.5], seeds=[0], seed=1)

@@ -216,7 +216,7 @@ def test_paper_protocol_and_calibration_reach_the_results(tmp_path):
     grid = {"notebook": str(ROOT / "notebooks" / "04_prune_blip2.ipynb"),
             "parameters": {"MODEL": "tiny-blip2-opt", "WANDA_METHODS": ["wanda", "ecoflap-zeroth"], "SPARSEGPT_METHODS": [],
                            "SPARSEGPT_SPARSITIES": [0.5], "EVAL_LIMIT": 4, "CALIB_SAMPLES": 128, "FIRST_STAGE_SAMPLES": 32,
-                           "PROTOCOL": "paper", "CALIBRATION": str(coco)},
+                           "PROTOCOL": "paper", "CALIBRATION": str(coco), "SEEDS": [0]},
             "grid": {"WANDA_SPARSITIES": [[0.5]]}}
     result = run_grid(grid, tmp_path / "runs", progress=False, summary=False)
     assert not result.failed, result.failed
@@ -256,3 +256,38 @@ def test_smoke_grid_on_the_bundled_models(tmp_path):
                         assert better == higher, (res, r["method"], metric)
                         compared += 1
     assert compared >= 3
+
+
+def test_recovery_notebook_reports_its_end_points_over_seeds(tmp_path):
+    """Notebook 07 on tiny-blip2-opt with two seeds: the dense model is evaluated once; every curve's end points are
+    measured at each seed and its intermediate point at the first only; the closing table it saved is the mean over
+    the seeds of its own results.json (min, max, count beside it), and every comparison it printed carries that
+    spread."""
+    import numpy as np
+    import pandas as pd
+
+    grid = {"notebook": str(ROOT / "notebooks" / "07_recovery.ipynb"),
+            "parameters": {"MODEL": "tiny-blip2-opt", "METHODS": ["wanda", "ecoflap-zeroth"], "SEEDS": [0, 1],
+                           "STEPS": 2, "EVAL_EVERY": 1, "BATCH_SIZE": 4, "EVAL_LIMIT": 8, "LR": 0.001,
+                           "CALIB_SAMPLES": 8, "FIRST_STAGE_SAMPLES": 8, "COMPARE_STACKS": []},
+            "grid": {"SPARSITIES": [[0.5]]}}
+    result = run_grid(grid, tmp_path / "runs", progress=False, summary=False)
+    assert not result.failed, result.failed
+    (run_dir,) = [r.run_dir for r in result.runs]
+    records = check_results(run_dir / "results.json")
+    assert [r["method"] for r in records].count("dense") == 1
+    got = sorted((r["method"], r["config"]["seed"], r["config"]["steps"]) for r in records if r["method"] != "dense")
+    assert got == sorted((m, seed, k) for m in ("wanda", "ecoflap-zeroth") for seed, ks in ((0, (0, 1, 2)), (1, (0, 2)))
+                         for k in ks)
+    table = pd.read_csv(run_dir / "headline.csv", index_col=0)
+    for m in ("wanda", "ecoflap-zeroth"):
+        for label, steps in ((f"{m} · no FT", 0), (f"{m} · FT", 2)):
+            values = [r["metrics"]["vqa_accuracy"] for r in records if r["method"] == m and r["config"]["steps"] == steps]
+            assert table.loc[label, "0.5"] == pytest.approx(np.mean(values))
+            assert list(table.loc[label, ["0.5 seed min", "0.5 seed max", "0.5 seeds"]]) == pytest.approx(
+                [min(values), max(values), 2])
+    nb = nbformat.read(run_dir / "07_recovery.ipynb", as_version=4)
+    printed = "".join(o.get("text", "") for o in nb.cells[-1].outputs)
+    sentences = [s for s in printed.splitlines() if s.startswith("On tiny-blip2-opt")]
+    assert len(sentences) == 3 and all("over 2 seeds" in s for s in sentences)  # 2 FT vs no FT, ECoFLaP vs Wanda
+    assert (run_dir / "figures" / "07_accuracy_vs_steps.png").is_file()

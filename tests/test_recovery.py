@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ecoflap_utils import load_model, recovery, report
-from ecoflap_utils.recovery import PAPER_COLUMNS, curve_frame, final_records, labelled, recovery_curves, upop_table
+from ecoflap_utils.recovery import (PAPER_COLUMNS, curve_frame, end_frame, final_records, labelled, recovery_curves,
+                                    upop_table)
 
 KEYS = {"model", "method", "sparsity", "task", "metrics", "resources", "config"}
 
@@ -60,11 +61,13 @@ def test_revived_zeros_fail_the_pattern_check(monkeypatch):
                         progress=False)
 
 
-def _rec(method, sparsity, acc, *, steps=0, final=True, iv=None, trained="qformer"):
+def _rec(method, sparsity, acc, *, steps=0, final=True, iv=None, trained="qformer", seed=None):
     r = {"model": "toy-vlm", "method": method, "sparsity": sparsity, "task": "vqav2",
          "metrics": {"vqa_accuracy": acc}, "resources": {},
          "config": {} if method == "dense" else {"steps": steps, "finetuned": steps > 0, "final": final,
                                                  "trained": trained, "stacks": trained.split("+")}}
+    if seed is not None:
+        r["config"]["seed"] = seed
     if iv:
         r["intervals"] = {"vqa_accuracy": iv}
     return r
@@ -92,3 +95,37 @@ def test_upop_table_on_hand_made_records():
     missing = upop_table([_rec("dense", 0.0, 98.0)]).loc["(b) this run"]
     assert missing.loc["ECoFLaP (w/ fine-tuning)", "VQA test-dev"] == "not run"
     assert len(final_records(recs, finetuned=True)) == 4  # dense and the three curve ends
+
+
+def test_upop_table_pools_the_seeds_of_a_point():
+    recs = [_rec("dense", 0.0, 98.0), *[_rec("wanda", 0.5, v, steps=30, seed=k, iv=[v - 4, v + 2])
+                                        for k, v in enumerate([80.0, 84.0, 86.0])]]
+    ours = upop_table(recs).loc["(b) this run"]
+    assert ours.loc["Wanda (w/ fine-tuning)", "VQA test-dev"] == "83.3 (80.0–86.0 over 3 seeds) [79.3, 85.3]"
+    assert "min–max over seeds" in ours.loc["Wanda (w/ fine-tuning)", "source"]
+
+
+def test_seeds_measure_every_end_point_and_the_first_seed_s_curve():
+    """recovery_curves(seeds=...): the dense model once; each seed prunes and fine-tunes its own curve (its
+    calibration and its batches); every curve is evaluated at step 0 and at its end, the first seed's also in
+    between; end_frame and report.compare pool the end points over the seeds."""
+    a = load_model("tiny-blip2-opt")
+    recs = recovery_curves(a, methods=["wanda", "ecoflap-zeroth"], sparsities=[0.5], steps=2, eval_every=1, lr=1e-3,
+                           seeds=[0, 1], eval_limit=8, batch_size=4, calib_samples=8, first_stage_samples=8,
+                           progress=False)
+    assert [r["method"] for r in recs].count("dense") == 1 and recs[0]["method"] == "dense"
+    assert [(r["method"], r["config"]["seed"], r["config"]["steps"]) for r in recs[1:]] == [
+        ("wanda", 0, 0), ("wanda", 0, 1), ("wanda", 0, 2), ("ecoflap-zeroth", 0, 0), ("ecoflap-zeroth", 0, 1),
+        ("ecoflap-zeroth", 0, 2), ("wanda", 1, 0), ("wanda", 1, 2), ("ecoflap-zeroth", 1, 0), ("ecoflap-zeroth", 1, 2)]
+    assert all(r["config"]["seeds"] == [0, 1] for r in recs[1:])
+    ft = {r["config"]["seed"]: r["resources"]["finetune"] for r in recs if r["method"] == "wanda" and r["config"]["steps"] == 2}
+    assert ft[0]["initial_loss"] != ft[1]["initial_loss"]  # each seed fine-tuned on its own batches
+    ends = end_frame(recs)
+    assert list(ends["steps"]) == [0, 2, 0, 2] and list(ends["seeds"]) == [2, 2, 2, 2]
+    values = [r["metrics"]["vqa_accuracy"] for r in recs if r["method"] == "wanda" and r["config"]["steps"] == 2]
+    row = ends[(ends["method"] == "wanda") & (ends["steps"] == 2)].iloc[0]
+    assert row["vqa_accuracy"] == pytest.approx(sum(values) / 2) and row["s/step"] > 0
+    assert [row["seed min"], row["seed max"]] == [min(values), max(values)]
+    assert list(curve_frame(recs).query("method == 'wanda'")["seeds"]) == [2, 1, 2]  # step 1: the first seed only
+    text = report.compare(labelled(recs), a="ecoflap-zeroth · FT", b="wanda · FT", sparsity=0.5)
+    assert "over 2 seeds" in text and "tiny-blip2-opt" in text
