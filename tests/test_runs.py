@@ -140,7 +140,7 @@ def test_unknown_parameter_is_refused_before_anything_runs(tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not counter.exists()  # nothing ran, nothing was written
     with pytest.raises(UserError, match=r"^grid: 'Sparsity' \(did you mean 'sparsity'\?\) is not a parameter of"):
         runs.expand_grid({"notebook": str(TOY), "parameters": {"Sparsity": 0.5}})
-    assert set(runs.notebook_parameters(TOY)) == {"OUT_DIR", "model", "task", "method", "sparsity", "FAIL", "COUNTER_FILE", "SLEEP"}
+    assert set(runs.notebook_parameters(TOY)) == {"OUT_DIR", "model", "task", "method", "sparsity", "FAIL", "COUNTER_FILE", "SLEEP", "SEEDS"}
 
 
 def test_notebook_without_a_parameters_cell_is_refused(tmp_path):
