@@ -191,10 +191,11 @@ print(format_table(summarize(result.report), ["stack", "modality", "params", "ta
 # This is no verdict on the paper's claim (its 3B models, CC3M calibration and full VQAv2), only on what
 # this 135M model on a CPU can show. `grids/full.yaml` runs every method and sparsity over the seeds.
 #
-# A caution for points at the edge of a cliff: beyond the seeds, the thread count once moved a point. On
-# the bundled defaults ECoFLaP on SparseGPT at 0.7 read 91 % with two torch threads and 38 % with one, from
-# identical block scores and allocations, while uniform SparseGPT read 43 and 46 (NOTES.md, session 5).
-# Records carry the thread count (`resources.fine.threads`).
+# Beyond the seeds, the thread count once moved a point at the edge of a cliff: ECoFLaP on SparseGPT at 0.7
+# read 91 % with two torch threads and 38 % with one, from identical block scores and allocations, while
+# uniform SparseGPT read 43 and 46 (NOTES.md, session 5). The calibrated fine stage now runs at one intra-op
+# thread on a CPU, so its masks no longer depend on the thread count (tests/test_threads.py); records carry
+# the thread count (`resources.fine.threads`).
 #
 # `grids/paper.yaml` runs the same notebook at the paper's settings on BLIP-2 on a GPU (`PROTOCOL: paper`,
 # calibration on CC3M through `CALIBRATION`, VQAv2 through `DATA`), over the same three seeds.

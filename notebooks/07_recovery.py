@@ -106,7 +106,7 @@ for (m, s, t), g in first.groupby(["method", "sparsity", "trained"], sort=False)
     e = ends[(ends["method"] == m) & (ends["sparsity"] == s) & (ends["trained"] == t) & (ends["seeds"] > 1)]
     ax.errorbar(e["steps"] + 0.02 * STEPS, e[metric], yerr=[e[metric] - e["seed min"], e["seed max"] - e[metric]],
                 fmt="D", capsize=5, markersize=8, alpha=0.5, color=line[0].get_color(),
-                label=f"{m} · {s:g} · {t} · mean (min–max) over seeds")
+                label=f"{m} · {s:g} · {t} · mean (min–max) over seeds" if len(e) else "_nolegend_")
 ax.axhline(next(r["metrics"][metric] for r in records if r["method"] == "dense"), color="k", linestyle=":", label="dense")
 ax.set(xlabel="fine-tuning steps", ylabel=metric, title=f"{model.name} · {TASK} · recovery")
 ax.legend(fontsize=7)
