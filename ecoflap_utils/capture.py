@@ -60,6 +60,18 @@ def first_output(out: Any) -> torch.Tensor:
     raise TypeError(f"unexpected block output type {type(out).__name__}")
 
 
+def with_first_output(out: Any, hidden: torch.Tensor) -> Any:
+    """``out`` (a block's output: tensor, tuple or ModelOutput) with its hidden states replaced by ``hidden``."""
+    if isinstance(out, torch.Tensor):
+        return hidden
+    if isinstance(out, (tuple, list)):
+        return type(out)((hidden, *out[1:]))
+    if hasattr(out, "to_tuple"):
+        first = next(iter(out.keys()))
+        return type(out)(**{**out, first: hidden})
+    raise TypeError(f"unexpected block output type {type(out).__name__}")
+
+
 @contextmanager
 def hooks(*handles) -> Iterator[None]:
     """Remove the given hook handles on exit."""
@@ -71,14 +83,25 @@ def hooks(*handles) -> Iterator[None]:
 
 
 def capture_calls(adapter: ModelAdapter, blocks: Sequence[Block], batches: Sequence[dict], *,
-                  keep_hidden: str = "first", stop_after_last: bool = True) -> list[list[Call]]:
+                  keep_hidden: str = "first", stop_after_last: bool = True,
+                  skip_later: bool = False) -> list[list[Call]]:
     """Run ``adapter.forward`` on each batch and record how each of ``blocks`` was called.
 
     Returns ``calls[batch][i]`` for block ``i``. With ``keep_hidden="first"`` only the first block keeps
     its hidden-state input (later ones are replayed from the previous block's output, which saves
     memory); ``"all"`` keeps every block's. With ``stop_after_last`` the forward pass is cut short
     after the last block, so nothing after it is computed.
+
+    ``skip_later`` (with ``keep_hidden="first"``): blocks after the first do not compute. Each hands on its input
+    hidden states with the rest of what the first block returned in that batch (T5's position bias, for
+    example), so the stack still calls every block with the arguments it would give it, and the capture costs
+    one block's forward instead of the whole stack's. This holds where a stack derives a block's arguments from
+    the previous blocks' outputs only through those extra outputs, never from the hidden values: true of every
+    adapter here (``tests/test_prune.py`` compares both captures on each). The fine stage replays the blocks
+    anyway, so the skipped forwards were pure cost: a third of Wanda's time on SmolLM2.
     """
+    if skip_later and keep_hidden != "first":
+        raise ValueError("skip_later needs keep_hidden='first': later blocks' hidden states are not computed")
     calls: list[list[Call]] = []
     current: list[Call | None] = []
     idx_of = {id(b.module): i for i, b in enumerate(blocks)}
@@ -100,6 +123,18 @@ def capture_calls(adapter: ModelAdapter, blocks: Sequence[Block], batches: Seque
             stack.enter_context(hooks(b.module.register_forward_pre_hook(pre_hook, with_kwargs=True)))
         if stop_after_last:
             stack.enter_context(hooks(blocks[-1].module.register_forward_hook(stop_hook)))
+        if skip_later and len(blocks) > 1:
+            first_out: list[Any] = [None]
+
+            def keep_first(module, args, output):
+                first_out[0] = output
+
+            def pass_through(*args, **kwargs):
+                return with_first_output(first_out[0], Call(args, kwargs).hidden())
+
+            stack.enter_context(hooks(blocks[0].module.register_forward_hook(keep_first)))
+            for b in blocks[1:]:
+                stack.enter_context(replaced_forward(b.module, pass_through))
         for batch in batches:
             current = [None] * len(blocks)
             try:

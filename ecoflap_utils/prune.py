@@ -16,7 +16,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from .capture import capture_calls, first_output, intra_op_threads, run_block, stack_groups
+from .capture import StopForward, capture_calls, first_output, intra_op_threads, run_block, stack_groups
 from .errors import CalibrationError, UserError
 from .models.base import ModelAdapter
 from .models.devices import weight_tensor
@@ -105,6 +105,8 @@ def select_prune_mask(scores: torch.Tensor, sparsity: float, *, nm: tuple[int, i
     if comparison == "row":
         k = int(sparsity * cols)
         extra = int(sparsity * scores.numel()) - k * rows  # 0 when s * C_in is a whole number
+        if extra <= 0:
+            return _lowest_per_row(scores, k)
         order = torch.sort(scores, dim=1, stable=True)
         if k:
             mask.scatter_(1, order.indices[:, :k], True)
@@ -113,13 +115,24 @@ def select_prune_mask(scores: torch.Tensor, sparsity: float, *, nm: tuple[int, i
             rows_plus = torch.sort(order.values[:, k], stable=True).indices[:extra]
             mask[rows_plus, order.indices[rows_plus, k]] = True
         return mask
-    if comparison == "matrix":
-        k = int(sparsity * scores.numel())
-        if k:
-            idx = torch.sort(scores.flatten(), stable=True).indices[:k]
-            mask.view(-1)[idx] = True
-        return mask
+    if comparison == "matrix":  # the first floor(s * numel) of a stable sort of the flattened scores
+        return _lowest_per_row(scores.reshape(1, -1), int(sparsity * scores.numel())).reshape(rows, cols)
     raise UserError(f"unknown comparison {comparison!r}; choose row or matrix")
+
+
+def _lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``True`` at the ``k`` lowest scores of each row, ties taken in order of position: the first ``k`` of a
+    stable row sort (locuslab/wanda ``lib/prune.py``'s ``torch.sort(W_metric, dim=-1, stable=True)``), found with
+    a selection (``kthvalue``) instead of a sort, about twice as fast on LLaMA-sized rows."""
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if k >= scores.shape[1]:
+        return torch.ones_like(scores, dtype=torch.bool)
+    kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
+    mask = scores < kth
+    ties = scores == kth
+    mask |= ties & (ties.cumsum(dim=1) <= k - mask.sum(dim=1, keepdim=True))
+    return mask
 
 
 def check_comparison(comparison: str | Mapping[str, str], method: str, stacks: Sequence[str] | None = None,
@@ -380,16 +393,22 @@ def prune(adapter: ModelAdapter, sparsity: float | Mapping[str, float] | None = 
 
 def _prune_stack(adapter, blocks, batches, to_prune, method, nm_t, comparison, blocksize, percdamp, apply, show,
                  on_scores=None):
-    calls = capture_calls(adapter, blocks, batches, keep_hidden="first")
+    calls = capture_calls(adapter, blocks, batches, keep_hidden="first", skip_later=True)
     hidden = [c[0].hidden() for c in calls]
     bar = tqdm(blocks, desc=f"{method} {blocks[0].stack}", disable=show, leave=False)
     for i, block in enumerate(bar):
         layers = [w for w in block.weights if w in to_prune]
         if layers:
-            with input_statistics(adapter.model, layers, method) as stats:
+            with input_statistics(adapter.model, layers, method, stop_when_seen=True) as stats:
                 with torch.no_grad():
                     for b, call in enumerate(calls):
-                        run_block(block, call[i], hidden[b])
+                        try:  # the block's output is not needed: stop once its last pruned layer saw its input
+                            run_block(block, call[i], hidden[b])
+                        except StopForward:
+                            continue
+                        unseen = [w for w in layers if stats[w].tokens == 0] or layers
+                        raise CalibrationError(f"{block.name}'s forward never called {unseen[0]}: it cannot be "
+                                               "calibrated; leave it out of the sparsity dict")
             for w in layers:
                 W = weight_tensor(adapter.model, w)
                 st = stats[w]  # on the device where the layer computes; the scores and updates are made there

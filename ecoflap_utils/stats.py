@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .capture import hooks
+from .capture import StopForward, hooks
 from .errors import CalibrationError, UserError
 from .models.base import to_device
 from .models.devices import execution_device, module_tensor
@@ -41,18 +41,28 @@ class _Stats:
         self.sq = torch.zeros(cols, dtype=torch.float32, device=device)
         self.H = torch.zeros(cols, cols, dtype=torch.float32, device=device) if kind == "sparsegpt" else None
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
-        if not torch.isfinite(x).all():
-            raise CalibrationError(
-                f"non-finite activations reach {self.name} during calibration; run in float32 "
-                "(--dtype float32) or check the calibration data"
-            )
-        x = x.to(self.sq.device)
-        self.tokens += x.shape[0]
-        self.sq += (x * x).sum(0)
+    def add(self, x: torch.Tensor, memo: dict | None = None) -> None:
+        """Add the inputs ``x`` (..., cols). ``memo``: one entry shared by the hooks of one ``input_statistics``;
+        layers fed the very same tensor (a LLaMA block's q/k/v, gate/up) add the sums computed for the first of
+        them, so X^T X is formed once per input, not once per layer. The sums added are the same numbers."""
+        key = (self.sq.device, self.H is not None)
+        if memo is not None and memo.get("x") is x and memo["version"] == x._version and memo["key"] == key:
+            tokens, sq, H = memo["sums"]
+        else:
+            flat = x.detach().reshape(-1, x.shape[-1]).float().to(self.sq.device)
+            tokens, sq = flat.shape[0], (flat * flat).sum(0)
+            if not torch.isfinite(sq).all():  # a NaN or an infinity anywhere in x reaches its column's sum
+                raise CalibrationError(
+                    f"non-finite activations reach {self.name} during calibration; run in float32 "
+                    "(--dtype float32) or check the calibration data"
+                )
+            H = flat.T @ flat if self.H is not None else None
+            if memo is not None:  # holding x keeps its memory from being reused by another tensor meanwhile
+                memo.update(x=x, version=x._version, key=key, sums=(tokens, sq, H))
+        self.tokens += tokens
+        self.sq += sq
         if self.H is not None:
-            self.H += x.T @ x
+            self.H += H
 
 
 def _mha_attention_input(mha: nn.MultiheadAttention, args, kwargs) -> torch.Tensor:
@@ -100,20 +110,38 @@ def input_tap(model: nn.Module, weight_name: str) -> tuple[nn.Module, Callable]:
 
 
 @contextmanager
-def input_statistics(model: nn.Module, names: Sequence[str], kind: str = "wanda") -> Iterator[dict[str, _Stats]]:
+def input_statistics(model: nn.Module, names: Sequence[str], kind: str = "wanda", *,
+                     stop_when_seen: bool = False) -> Iterator[dict[str, _Stats]]:
     """Within the ``with``, every forward accumulates the inputs of each weight in ``names`` into its
     :class:`_Stats` (``kind`` "wanda": squared norms per input feature; "sparsegpt": also X^T X).
     Yields {name: _Stats}; the hooks are removed on exit, also on error.
+
+    ``stop_when_seen``: once every weight in ``names`` has seen its input, the forward is cut short by raising
+    ``capture.StopForward`` (the caller catches it), so what comes after the last of them is never computed: in
+    the fine stage's statistics pass over a block, whose output is thrown away, that is the last layer's matmul
+    (``down_proj``, a quarter of a LLaMA block) and anything after it. Each weight must be called once per pass.
 
     Each weight's statistics live where its matmul runs (``devices.execution_device`` of the hooked module):
     on a model accelerate spread over devices that is the weight's own device, or the GPU an offloaded
     weight is copied to at each forward, so the inputs never travel to be counted."""
     stats: dict[str, _Stats] = {}
+    pending, memo = set(names), {}
+
+    def seen(name: str) -> None:
+        pending.discard(name)
+        if not pending:
+            pending.update(names)
+            raise StopForward
+
     with ExitStack() as es:
         for w in names:
             mod, get = input_tap(model, w)
             param = model.get_parameter(w)
             st = stats[w] = _Stats(w, param.shape[1], kind, execution_device(mod))
-            es.enter_context(hooks(mod.register_forward_pre_hook(
-                lambda m, a, kw, st=st, get=get: st.add(get(a, kw)), with_kwargs=True)))
+
+            def hook(m, a, kw, st=st, get=get, w=w):
+                st.add(get(a, kw), memo)
+                if stop_when_seen:
+                    seen(w)
+            es.enter_context(hooks(mod.register_forward_pre_hook(hook, with_kwargs=True)))
         yield stats

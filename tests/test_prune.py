@@ -40,6 +40,19 @@ def test_row_comparison_prunes_floor_s_cin_in_every_row(s):
     assert (pruned_max <= kept_min).all()
 
 
+@pytest.mark.parametrize("k", [0, 1, 7, 20, 39, 40])
+def test_selection_equals_the_first_k_of_a_stable_sort(k):
+    """The row comparison picks by selection (kthvalue) but must equal Wanda's stable sort, ties included:
+    scores drawn from 5 values, so most rows tie at their k-th score."""
+    scores = torch.randint(0, 5, (64, 40), generator=torch.Generator().manual_seed(k)).float()
+    expected = torch.zeros_like(scores, dtype=torch.bool)
+    expected.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
+    assert torch.equal(select_prune_mask(scores, k / 40, comparison="row"), expected)
+    flat = torch.zeros(scores.numel(), dtype=torch.bool)  # and over the whole matrix (SparseGPT, ViT Wanda)
+    flat[torch.sort(scores.flatten(), stable=True).indices[: k * 64]] = True
+    assert torch.equal(select_prune_mask(scores, k / 40, comparison="matrix"), flat.reshape(64, 40))
+
+
 @pytest.mark.parametrize("s", [0.1, 0.3, 0.77])
 def test_row_comparison_meets_the_target_when_s_cin_is_fractional(s):
     scores = torch.rand(13, 37, generator=torch.Generator().manual_seed(0))
@@ -149,6 +162,117 @@ def test_sequential_replay_reproduces_the_dense_forward(name):
                 with torch.no_grad():
                     h = first_output(run_block(block, calls[i], h))
                 torch.testing.assert_close(h, calls[i + 1].hidden(), rtol=0, atol=0)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and (a is b or a == b)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-blip2-opt", "tiny-blip2-t5", "tiny-clip"])
+def test_capture_that_skips_later_blocks_records_the_same_calls(name):
+    """The fine stage's capture runs only the first block of a stack; every later block is still called with
+    exactly the arguments (masks, position bias, encoder states, ...) a full forward gives it."""
+    a = load_model(name)
+    batches = a.batches(a.calibration_samples(4, 0), 2)
+    for stack in a.stacks():
+        blocks = a.stack_blocks(stack)
+        full = capture_calls(a, blocks, batches, keep_hidden="first")
+        short = capture_calls(a, blocks, batches, keep_hidden="first", skip_later=True)
+        for per_full, per_short in zip(full, short, strict=True):
+            assert torch.equal(per_full[0].hidden(), per_short[0].hidden())
+            for cf, cs in zip(per_full, per_short, strict=True):
+                assert _same(cf.args, cs.args) and _same(cf.kwargs, cs.kwargs), (name, stack)
+        # and the later blocks really did not compute: their forward never ran
+        ran = []
+        h = blocks[-1].module.register_forward_pre_hook(lambda m, a_: ran.append(1))
+        try:
+            calls = []
+            for b in blocks[1:]:
+                orig = b.module.forward
+                b.module.forward = lambda *x, _o=orig, **k: (calls.append(1), _o(*x, **k))[1]
+            capture_calls(a, blocks, batches, keep_hidden="first", skip_later=True)
+        finally:
+            h.remove()
+            for b in blocks[1:]:
+                del b.module.forward
+        assert ran and not calls
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-blip2-opt", "tiny-blip2-t5", "tiny-clip"])
+@pytest.mark.parametrize("kind", ["wanda", "sparsegpt"])
+def test_statistics_pass_cut_short_gives_the_same_statistics(name, kind):
+    """The fine stage stops a block's statistics pass once its last pruned layer saw its input; the sums (and
+    X^T X) are bit-identical to a full pass, and the rest of the block really is skipped."""
+    from ecoflap_utils.capture import StopForward
+    from ecoflap_utils.stats import input_statistics
+
+    a = load_model(name)
+    batches = a.batches(a.calibration_samples(4, 0), 2)
+    for stack in a.stacks():
+        blocks = a.stack_blocks(stack)
+        calls = capture_calls(a, blocks, batches, keep_hidden="all", stop_after_last=False)
+        for i in (0, len(blocks) - 1):
+            block, layers = blocks[i], blocks[i].weights
+            with input_statistics(a.model, layers, kind) as full, torch.no_grad():
+                for c in calls:
+                    run_block(block, c[i])
+            outputs = []
+            h = block.module.register_forward_hook(lambda m, args, out: outputs.append(1))
+            try:
+                with input_statistics(a.model, layers, kind, stop_when_seen=True) as short, torch.no_grad():
+                    for c in calls:
+                        with pytest.raises(StopForward):
+                            run_block(block, c[i])
+            finally:
+                h.remove()
+            assert not outputs  # no pass reached the block's end
+            for w in layers:
+                assert short[w].tokens == full[w].tokens > 0
+                assert torch.equal(short[w].sq, full[w].sq), (name, w)
+                if kind == "sparsegpt":
+                    assert torch.equal(short[w].H, full[w].H), (name, w)
+
+
+def test_layers_fed_one_input_get_its_sums_computed_once_and_right():
+    """q/k/v (and gate/up) of a LLaMA block see one tensor: the statistics reuse one X^T X, and it equals the
+    sums taken independently from what reaches each projection."""
+    from ecoflap_utils.stats import input_statistics
+
+    a = load_model("tiny-llama")
+    block = a.stack_blocks("lm")[0]
+    batches = a.batches(a.calibration_samples(4, 0), 2)
+    seen: dict[str, list] = {}
+    mods = {w: a.model.get_submodule(w.rsplit(".", 1)[0]) for w in block.weights}
+    handles = [m.register_forward_pre_hook(lambda m, args, w=w: seen.setdefault(w, []).append(args[0].detach()))
+               for w, m in mods.items()]
+    matmuls = []
+    try:
+        with input_statistics(a.model, block.weights, "sparsegpt") as st, torch.no_grad():
+            real_matmul = torch.Tensor.__matmul__
+            torch.Tensor.__matmul__ = lambda x, y: (matmuls.append(1), real_matmul(x, y))[1]
+            try:
+                for batch in batches:
+                    a.forward(batch)
+            finally:
+                torch.Tensor.__matmul__ = real_matmul
+    finally:
+        for h in handles:
+            h.remove()
+    for w in block.weights:
+        x = torch.cat([t.reshape(-1, t.shape[-1]) for t in seen[w]])
+        torch.testing.assert_close(st[w].H, x.T @ x, rtol=1e-5, atol=1e-4)
+        assert st[w].tokens == x.shape[0]
+        assert torch.equal(st[w].sq, sum((t.reshape(-1, t.shape[-1]) ** 2).sum(0) for t in seen[w]))
+    q, k, v = (next(w for w in block.weights if f".{p}_proj." in w) for p in "qkv")
+    assert torch.equal(st[q].H, st[k].H) and torch.equal(st[q].H, st[v].H)
+    distinct_inputs = 4  # q/k/v, o, gate/up, down
+    assert len(matmuls) == distinct_inputs * len(batches)
 
 
 def test_every_t5_block_receives_its_position_bias():
