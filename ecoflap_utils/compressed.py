@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -277,3 +278,50 @@ def _numel(shape) -> int:
     for d in shape:
         n *= int(d)
     return n
+
+
+# --------------------------------------------------------------------------- transformers, inside a ``with``
+#: the parts of one pruned weight in the bitmask layouts, as the ends of checkpoint keys (regular expressions)
+_PART_PATTERNS = {rf"\.{part}$": part for part in ("compressed", "bitmask", "shape", "row_offsets")}
+
+
+@contextmanager
+def transformers_reads_sparse():
+    """Inside the ``with``, ``transformers``' ``from_pretrained`` reads a ``--save-format compressed`` folder back to
+    exactly the pruned weights.
+
+    transformers 5 hands a ``sparsity_config`` to compressed-tensors, which since 0.15 keeps only quantization
+    (``compressed_tensors/compressors/model_compressors/model_compressor.py`` ``from_compression_config``), so the
+    ``.compressed/.bitmask/.shape`` parts are left unexpected and the weights re-initialised. This registers, for
+    the ``with`` only, one many-to-one weight converter in transformers' own checkpoint-conversion registry
+    (``transformers.conversion_mapping.register_checkpoint_conversion_mapping``, its "legacy" list, which every model
+    gets) that rebuilds each ``weight`` from its parts with :func:`decompress_weight`; the registry is put back on
+    exit. Those are transformers 5 internals (tested with 5.25): ``tests/test_compressed.py`` pins the behaviour.
+    vLLM and processes without this package still need :func:`decompress_checkpoint`.
+    """
+    from transformers import conversion_mapping as cm
+    from transformers.core_model_loading import ConversionOps, WeightConverter
+
+    class Decompress(ConversionOps):
+        def convert(self, input_dict, source_patterns, target_patterns, full_layer_name=None, **kwargs):
+            parts = {}
+            for pattern, value in input_dict.items():
+                parts[_PART_PATTERNS[pattern]] = value[0] if isinstance(value, list) else value
+            if not {"compressed", "bitmask", "shape"} <= parts.keys():
+                raise ValueError(f"{full_layer_name}: sparse-bitmask parts missing, found {sorted(parts)}")
+            if parts["bitmask"].is_floating_point() or parts["shape"].is_floating_point():
+                raise ValueError(f"{full_layer_name}: the bitmask parts were cast on loading")
+            dense = decompress_weight({k: v.cpu() for k, v in parts.items()})
+            return {full_layer_name: dense.to(parts["compressed"].device)}
+
+    class LoadOnly(WeightConverter):
+        def was_used(self) -> bool:  # not recorded on the model: save_pretrained writes plain dense weights
+            return False
+
+    before = cm.get_checkpoint_conversion_mapping("legacy")
+    converter = LoadOnly(source_patterns=list(_PART_PATTERNS), target_patterns=".weight", operations=[Decompress()])
+    cm.register_checkpoint_conversion_mapping("legacy", list(before or []) + [converter], overwrite=True)
+    try:
+        yield
+    finally:
+        cm.register_checkpoint_conversion_mapping("legacy", list(before or []), overwrite=True)

@@ -7,6 +7,7 @@ import torch
 from ecoflap_utils import UserError, load_model, load_pruned, prune, save_pruned
 from ecoflap_utils.cli import main
 from ecoflap_utils.io import decompress_checkpoint, disk_usage
+from ecoflap_utils.compressed import transformers_reads_sparse
 from ecoflap_utils.pipeline import run_prune
 
 
@@ -66,8 +67,13 @@ def test_compressed_run_reloads_bit_exactly(nm, fmt, tmp_path):
     assert "quantization_config" not in json.loads((dense_dir / "config.json").read_text())
     hf = AutoModelForCausalLM.from_pretrained(dense_dir)
     assert_bitwise_equal(pruned, hf.state_dict())
-    # transformers >= 5 has no sparse decompressor: from the compressed folder itself the pruned weights come back
-    # missing (re-initialised), which is why load_pruned and decompress_checkpoint exist
+    # and from the compressed folder itself through from_pretrained, inside transformers_reads_sparse
+    with transformers_reads_sparse():
+        hf, info = AutoModelForCausalLM.from_pretrained(out / "model", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert_bitwise_equal(pruned, hf.state_dict())
+    # outside it transformers >= 5 has no sparse decompressor (compressed-tensors >= 0.15 dropped them): the pruned
+    # weights come back missing (re-initialised), so the registry really was put back on exit
     _, info = AutoModelForCausalLM.from_pretrained(out / "model", output_loading_info=True)
     assert set(names) <= set(info["missing_keys"])
 
@@ -82,6 +88,10 @@ def test_blip2_compressed_round_trip(tmp_path):
     assert disk_usage(run)["ratio_to_dense"] < 0.8
     assert_bitwise_equal(a.model.state_dict(), load_pruned(run).model.state_dict())
     hf = Blip2ForConditionalGeneration.from_pretrained(decompress_checkpoint(run / "model", tmp_path / "plain"))
+    assert_bitwise_equal(a.model.state_dict(), hf.state_dict())
+    with transformers_reads_sparse():  # BLIP-2 straight from the compressed folder too
+        hf, info = Blip2ForConditionalGeneration.from_pretrained(run / "model", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
     assert_bitwise_equal(a.model.state_dict(), hf.state_dict())
 
 
