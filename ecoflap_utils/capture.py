@@ -64,6 +64,8 @@ def with_first_output(out: Any, hidden: torch.Tensor) -> Any:
     """``out`` (a block's output: tensor, tuple or ModelOutput) with its hidden states replaced by ``hidden``."""
     if isinstance(out, torch.Tensor):
         return hidden
+    if hasattr(out, "_fields"):  # a namedtuple
+        return out._replace(**{out._fields[0]: hidden})
     if isinstance(out, (tuple, list)):
         return type(out)((hidden, *out[1:]))
     if hasattr(out, "to_tuple"):
@@ -97,11 +99,44 @@ def capture_calls(adapter: ModelAdapter, blocks: Sequence[Block], batches: Seque
     example), so the stack still calls every block with the arguments it would give it, and the capture costs
     one block's forward instead of the whole stack's. This holds where a stack derives a block's arguments from
     the previous blocks' outputs only through those extra outputs, never from the hidden values: true of every
-    adapter here (``tests/test_prune.py`` compares both captures on each). The fine stage replays the blocks
-    anyway, so the skipped forwards were pure cost: a third of Wanda's time on SmolLM2.
+    adapter here (``tests/test_prune.py`` compares both captures on each), not of every model a generic adapter
+    accepts (transformers' GLM-MoE-DSA hands each layer the previous layer's top-k indices). So the first batch is
+    captured both ways and compared (:func:`same_call`); if any later block's arguments differ, every batch is
+    captured in full. The fine stage replays the blocks anyway, so the skipped forwards were pure cost: a third of
+    Wanda's time on SmolLM2.
     """
     if skip_later and keep_hidden != "first":
         raise ValueError("skip_later needs keep_hidden='first': later blocks' hidden states are not computed")
+    if not skip_later or len(blocks) < 2 or not batches:
+        return _capture(adapter, blocks, batches, keep_hidden, stop_after_last, skip=False)
+    full = _capture(adapter, blocks, batches[:1], keep_hidden, stop_after_last, skip=False)
+    short = _capture(adapter, blocks, batches[:1], keep_hidden, stop_after_last, skip=True)
+    safe = all(same_call(a, b) for a, b in zip(full[0], short[0]))
+    return full + _capture(adapter, blocks, batches[1:], keep_hidden, stop_after_last, skip=safe)
+
+
+def same_call(a: Call, b: Call) -> bool:
+    """Whether two recorded calls have equal arguments: tensors by value (dtype and shape included), containers
+    item by item, anything else by identity or ``==``."""
+    return _same(a.args, b.args) and _same(a.kwargs, b.kwargs)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a, b))
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    try:
+        return a is b or bool(a == b)
+    except Exception:  # an object whose == is not a truth value
+        return False
+
+
+def _capture(adapter: ModelAdapter, blocks: Sequence[Block], batches: Sequence[dict], keep_hidden: str,
+             stop_after_last: bool, *, skip: bool) -> list[list[Call]]:
     calls: list[list[Call]] = []
     current: list[Call | None] = []
     idx_of = {id(b.module): i for i, b in enumerate(blocks)}
@@ -123,7 +158,7 @@ def capture_calls(adapter: ModelAdapter, blocks: Sequence[Block], batches: Seque
             stack.enter_context(hooks(b.module.register_forward_pre_hook(pre_hook, with_kwargs=True)))
         if stop_after_last:
             stack.enter_context(hooks(blocks[-1].module.register_forward_hook(stop_hook)))
-        if skip_later and len(blocks) > 1:
+        if skip and len(blocks) > 1:
             first_out: list[Any] = [None]
 
             def keep_first(module, args, output):

@@ -123,11 +123,14 @@ def select_prune_mask(scores: torch.Tensor, sparsity: float, *, nm: tuple[int, i
 def _lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     """``True`` at the ``k`` lowest scores of each row, ties taken in order of position: the first ``k`` of a
     stable row sort (locuslab/wanda ``lib/prune.py``'s ``torch.sort(W_metric, dim=-1, stable=True)``), found with
-    a selection (``kthvalue``) instead of a sort, about twice as fast on LLaMA-sized rows."""
+    a selection (``kthvalue``) instead of a sort on CPU, about twice as fast on LLaMA-sized rows."""
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= scores.shape[1]:
         return torch.ones_like(scores, dtype=torch.bool)
+    if scores.device.type != "cpu":  # CUDA's kthvalue gives each row one thread block: the sort is faster there
+        mask = torch.zeros_like(scores, dtype=torch.bool)
+        return mask.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
     kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
     mask = scores < kth
     ties = scores == kth

@@ -46,6 +46,8 @@ class _Stats:
         layers fed the very same tensor (a LLaMA block's q/k/v, gate/up) add the sums computed for the first of
         them, so X^T X is formed once per input, not once per layer. The sums added are the same numbers."""
         key = (self.sq.device, self.H is not None)
+        if memo is not None and x.is_inference():  # no version counter to tell an in-place change: no sharing
+            memo = None
         if memo is not None and memo.get("x") is x and memo["version"] == x._version and memo["key"] == key:
             tokens, sq, H = memo["sums"]
         else:

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ecoflap_utils import UserError, load_model, prune
-from ecoflap_utils.capture import capture_calls, first_output, run_block
+from ecoflap_utils.models import Block, ModelAdapter
+from ecoflap_utils.capture import capture_calls, first_output, run_block, same_call
 from ecoflap_utils.errors import CalibrationError
 from ecoflap_utils.prune import parse_nm, select_prune_mask, sparsegpt_prune, wanda_scores
 
@@ -164,16 +165,6 @@ def test_sequential_replay_reproduces_the_dense_forward(name):
                 torch.testing.assert_close(h, calls[i + 1].hidden(), rtol=0, atol=0)
 
 
-def _same(a, b) -> bool:
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, (tuple, list)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return type(a) is type(b) and (a is b or a == b)
-
-
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-blip2-opt", "tiny-blip2-t5", "tiny-clip"])
 def test_capture_that_skips_later_blocks_records_the_same_calls(name):
     """The fine stage's capture runs only the first block of a stack; every later block is still called with
@@ -187,8 +178,8 @@ def test_capture_that_skips_later_blocks_records_the_same_calls(name):
         for per_full, per_short in zip(full, short, strict=True):
             assert torch.equal(per_full[0].hidden(), per_short[0].hidden())
             for cf, cs in zip(per_full, per_short, strict=True):
-                assert _same(cf.args, cs.args) and _same(cf.kwargs, cs.kwargs), (name, stack)
-        # and the later blocks really did not compute: their forward never ran
+                assert same_call(cf, cs), (name, stack)
+        # and the later blocks really did not compute after the first batch
         ran = []
         h = blocks[-1].module.register_forward_pre_hook(lambda m, a_: ran.append(1))
         try:
@@ -201,7 +192,66 @@ def test_capture_that_skips_later_blocks_records_the_same_calls(name):
             h.remove()
             for b in blocks[1:]:
                 del b.module.forward
-        assert ran and not calls
+        assert len(batches) > 1 and ran
+        assert len(calls) == len(blocks) - 1  # only the first batch, captured in full to check the shortcut
+
+
+class _ValueRoutedStack(torch.nn.Module):
+    """A stack that hands each block a value computed from the previous block's output (as GLM-MoE-DSA's layers
+    pass on their top-k indices): a capture that skips later blocks would record wrong arguments."""
+
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Linear(8, 8)
+
+        def forward(self, h, route=None):
+            out = torch.tanh(self.fc(h)) if route is None else torch.tanh(self.fc(h)) * route
+            return out, out.detach().abs().mean(-1, keepdim=True)
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(self.Layer() for _ in range(3))
+
+    def forward(self, x):
+        route = None
+        for layer in self.layers:
+            x, route = layer(x, route=route)
+        return x
+
+
+class _ValueRoutedAdapter(ModelAdapter):
+    def build_blocks(self):
+        return [Block(f"s.{i}", "s", "language", layer, [f"layers.{i}.fc.weight"])
+                for i, layer in enumerate(self.model.layers)]
+
+    def forward(self, batch):
+        return self.model(batch["x"])
+
+
+def test_prune_inside_inference_mode_gives_the_same_masks():
+    """Inference tensors have no version counter; the statistics then simply do not share sums."""
+    a, b = load_model("tiny-llama"), load_model("tiny-llama")
+    outside = prune(a, 0.5, calib_samples=8, batch_size=4, progress=False)
+    with torch.inference_mode():
+        inside = prune(b, 0.5, method="sparsegpt", calib_samples=8, batch_size=4, progress=False)
+        wanda_inside = prune(load_model("tiny-llama"), 0.5, calib_samples=8, batch_size=4, progress=False)
+    assert all(torch.equal(outside.masks[k], wanda_inside.masks[k]) for k in outside.masks)
+    assert inside.actual_sparsity == pytest.approx(0.5)
+
+
+def test_capture_captures_in_full_when_later_arguments_depend_on_hidden_values():
+    a = _ValueRoutedAdapter(_ValueRoutedStack(), "value-routed")
+    batches = [{"x": torch.randn(2, 4, 8, generator=torch.Generator().manual_seed(b))} for b in range(3)]
+    full = capture_calls(a, a.blocks, batches, keep_hidden="first")
+    guarded = capture_calls(a, a.blocks, batches, keep_hidden="first", skip_later=True)
+    for per_full, per_guarded in zip(full, guarded, strict=True):
+        assert all(same_call(f, g) for f, g in zip(per_full, per_guarded))
+    # what the guard protects against: the pass-through alone hands block 2 block 0's route
+    from ecoflap_utils.capture import _capture
+    unguarded = _capture(a, a.blocks, batches[:1], "first", True, skip=True)
+    assert not same_call(full[0][2], unguarded[0][2])
 
 
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-opt", "tiny-blip2-opt", "tiny-blip2-t5", "tiny-clip"])
