@@ -182,13 +182,14 @@ pd.DataFrame([{"method": r["method"], "sparsity": r["sparsity"], "seed": r["conf
 # measured. The last line gives ECoFLaP's gain over Wanda seed by seed (the same calibration windows).
 #
 # The bundled default (`grids/default.yaml`: SmolLM2-135M, ECoFLaP zeroth against uniform Wanda at 0.6,
-# seeds 0-2, 32 calibration windows of 64 tokens, 16 first-stage windows, group scores, 4 held-out
-# windows of 512 tokens) measured once: dense 17.3 [13.1, 22.9]; uniform Wanda 123.7 (122.0–124.7 over
-# the seeds) [87.9, 186.7]; ECoFLaP 99.4 (91.6–111.0) [72.9, 139.7]. ECoFLaP was better at every seed
-# (−13.5, −33.1 and −26.3 perplexity against Wanda on the same windows) and the ranges over seeds do not
-# overlap, but four held-out windows make wide item intervals, which do: so "no clear difference" by the
-# rule above, with the seeds on ECoFLaP's side, like the paper's LLaMA result. More windows (`EVAL_LIMIT`,
-# about 1.7 s each per evaluation here) would narrow the intervals.
+# seeds 0-2, 32 calibration windows of 64 tokens, 16 first-stage windows, group scores, 16 held-out
+# windows of 512 tokens) measured once (fresh clone, 2026-12-07): dense 20.45 [17.57, 23.69]; uniform Wanda
+# 129.8 (127.5–132.4 over the seeds) [109.7, 155.6]; ECoFLaP 102.6 (94.3–115.6) [88.2, 119.9]. ECoFLaP was
+# better at every seed (−27.2 perplexity on average, −38.1 to −13.8, against Wanda on the same windows) and the
+# ranges over seeds do not overlap, but the item intervals still do: so "no clear difference" by the rule
+# above, with the seeds on ECoFLaP's side, like the paper's LLaMA result. With 4 windows (session 6) the picture
+# was the same (99.4 against 123.7) with wider intervals; the bundled text has 59 windows of 512 tokens in all
+# (`EVAL_LIMIT`, about 1.7 s each per evaluation here).
 #
 # Earlier single-seed runs with more of the grid (`grids/full.yaml` runs them over the seeds) found:
 #
