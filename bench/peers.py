@@ -322,10 +322,12 @@ def table(results: dict, ppl: dict, meta: dict) -> str:
            "`prune.select_prune_mask`), 2:4 by `topk` of each group of 4 (L86-92; ours a stable sort of each group). "
            "Their statistic is a running mean, rescaled per batch (L45-49, as locuslab/wanda `lib/layerwrapper.py` "
            "L31-35); ours a plain float32 sum (`stats._Stats.add`). On identical inputs that leaves the last bit of "
-           "a score, which decides the rare tie within one unit in the last place (last column). End to end, the "
-           "two pipelines' pruned block outputs also differ in their last bits (other kernels, torch 2.14.0 against "
-           "2.14.1), so from the first flipped position on each side's deeper layers see other inputs and the "
-           "patterns drift apart with depth, while perplexity stays equal.",
+           "a score, which decides the rare tie within one unit in the last place (last column). End to end, once "
+           "one such tie falls the other way the pruned block outputs differ in their last bits, each side's deeper "
+           "layers see other inputs, and the patterns drift apart with depth while perplexity stays equal. Which "
+           "rounding flips first is not pinned down: not the torch build (the same agreement with the peer on our "
+           "torch 2.14.1), not the explicit causal mask its traced subgraphs pass (bit-identical layer output "
+           "either way), not the statistic's formula alone (docs/FIDELITY.md).",
            "- SparseGPT: the peer prunes `tmp <= thresh` with `thresh` the element at index int(s * numel) of each "
            "128-column block's sorted scores (`modifiers/pruning/sparsegpt/sgpt_sparsify.py` L164-165), one weight "
            "more than the target per block, as IST-DASLab/sparsegpt does; we prune exactly floor(s * numel) "
