@@ -330,9 +330,9 @@ def table(results: dict, ppl: dict, meta: dict) -> str:
            "either way), not the statistic's formula alone (docs/FIDELITY.md).",
            "- SparseGPT: the peer prunes `tmp <= thresh` with `thresh` the element at index int(s * numel) of each "
            "128-column block's sorted scores (`modifiers/pruning/sparsegpt/sgpt_sparsify.py` L164-165), one weight "
-           "more than the target per block, as IST-DASLab/sparsegpt does; we prune exactly floor(s * numel) "
+           "more than the target per block, as IST-DASLab/sparsegpt does (`sparsegpt.py` L97-98); we prune exactly floor(s * numel) "
            "(`prune.sparsegpt_prune`, docs/FIDELITY.md \"Exact kept totals\"). It also zeroes the weights of inputs "
-           "never seen (L100) and scales its Hessian as a running mean of sqrt(2/n)-scaled inputs (L48-52); the "
+           "never seen (L100, as `sparsegpt.py` L68) and scales its Hessian as a running mean of sqrt(2/n)-scaled inputs (L48-52); the "
            "damping (0.01 of the mean diagonal, L104) and the float32 Cholesky (L107) are the same. So no layer "
            "matches exactly, from the first one on.",
            "- Work: the peer's sequential pipeline runs every subgraph twice, a calibration pass and a propagation "

@@ -100,7 +100,8 @@ def capture_calls(adapter: ModelAdapter, blocks: Sequence[Block], batches: Seque
     one block's forward instead of the whole stack's. This holds where a stack derives a block's arguments from
     the previous blocks' outputs only through those extra outputs, never from the hidden values: true of every
     adapter here (``tests/test_prune.py`` compares both captures on each), not of every model a generic adapter
-    accepts (transformers' GLM-MoE-DSA hands each layer the previous layer's top-k indices). So the first batch is
+    accepts (transformers 5.25's GLM-MoE-DSA hands each layer the previous layer's top-k indices,
+    ``models/glm_moe_dsa/modeling_glm_moe_dsa.py`` L705). So the first batch is
     captured both ways and compared (:func:`same_call`); if any later block's arguments differ, every batch is
     captured in full. The fine stage replays the blocks anyway, so the skipped forwards were pure cost: a third of
     Wanda's time on SmolLM2.

@@ -3,6 +3,7 @@ reading and decompressing them. Imports neither ``io`` nor ``models``, so both c
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -263,21 +264,14 @@ def disk_usage(run_dir: str | os.PathLike) -> dict[str, Any]:
             if part == "compressed":  # the dense weight: rows x cols of the values' dtype
                 with safe_open(str(model / where[f"{prefix}.shape"]), framework="pt") as f:
                     shape = [int(x) for x in f.get_tensor(f"{prefix}.shape").flatten().tolist()]
-                dense += _numel(shape) * _ST_BYTES.get(dt, 4)
+                dense += math.prod(int(d) for d in shape) * _ST_BYTES.get(dt, 4)
             continue
-        dense += _numel(shape) * _ST_BYTES.get(dt, 4)
+        dense += math.prod(int(d) for d in shape) * _ST_BYTES.get(dt, 4)
     stored = sum(f.stat().st_size for f in files)
     total = sum(p.stat().st_size for p in run.rglob("*") if p.is_file())
     return {"save_format": "compressed" if fmt else "dense", "sparse_format": fmt, "model_bytes": stored,
             "dense_model_bytes": dense, "ratio_to_dense": round(stored / dense, 4) if dense else None,
             "run_bytes": total}
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
 
 
 # --------------------------------------------------------------------------- transformers, inside a ``with``

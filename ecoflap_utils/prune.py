@@ -122,7 +122,7 @@ def select_prune_mask(scores: torch.Tensor, sparsity: float, *, nm: tuple[int, i
 
 def _lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     """``True`` at the ``k`` lowest scores of each row, ties taken in order of position: the first ``k`` of a
-    stable row sort (locuslab/wanda ``lib/prune.py``'s ``torch.sort(W_metric, dim=-1, stable=True)``), found with
+    stable row sort (locuslab/wanda ``lib/prune.py`` L176, ``torch.sort(W_metric, dim=-1, stable=True)``), found with
     a selection (``kthvalue``) instead of a sort on CPU, about twice as fast on LLaMA-sized rows."""
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
