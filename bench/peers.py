@@ -11,7 +11,7 @@ then the peer, back to back. Methods: Wanda 0.5, SparseGPT 0.5 (block 128, dampi
 
 Per method and side: the fine stage's wall time (ours: ``prune.prune``; the peer: ``llmcompressor.oneshot``, with
 its subgraph tracing), the process's peak RSS (model load included on both sides), the calibration passes spent
-(:class:`PassCounter`: the decoder blocks' linear-layer work over one pass of the calibration set, and the
+(``peer_side.PassCounter``, the same on both sides: the decoder blocks' linear-layer work over one pass of the calibration set, and the
 calibration tokens ``lm_head`` saw, over their number), the
 actual sparsity, the per-layer agreement of the zero patterns with the peer's, and the perplexity of both pruned
 models on the bundled held-out text, both scored by our evaluator (``evaluate.perplexity_stats``, windows of 512).
@@ -95,13 +95,16 @@ def prepare(work: Path, samples: int) -> tuple[Path, Path]:
     return dense, calib
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that over from the parent
-    through fork and exec, so a child started by a large parent reports the parent's peak."""
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+
+def _peer_side():
+    """``bench/peers/peer_side.py`` as a module (it imports only the standard library at the top): its
+    ``PassCounter`` and ``peak_rss_mb`` measure our side exactly as they measure the peer's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("peer_side", PEER_DIR / "peer_side.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # --------------------------------------------------------------------------- our side (a child process)
@@ -116,7 +119,8 @@ def ours(spec: dict) -> dict:
 
     adapter = load_model("smollm2-135m", weights=spec["model"], attn_implementation=spec["attn"])
     windows = torch.load(spec["calib"]).tolist()
-    counter = PassCounter(adapter.model)
+    side = _peer_side()
+    counter = side.PassCounter(adapter.model)
     same_inputs = SameInputs(adapter, spec) if spec.get("peer_wanda") else None
     t0 = time.perf_counter()
     prune(adapter, spec["sparsity"], method=spec["method"], nm=spec["nm"], calibration=windows,
@@ -127,39 +131,8 @@ def ours(spec: dict) -> dict:
     names = adapter.layer_names()
     save_file({n: adapter.model.get_parameter(n).detach().contiguous() for n in names}, spec["out"])
     extra = {"same_inputs": same_inputs.summary()} if same_inputs else {}
-    return {**extra, **passes, "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
+    return {**extra, **passes, "seconds": seconds, "peak_rss_mb": side.peak_rss_mb(), "threads": torch.get_num_threads(),
             "torch": torch.__version__}
-
-
-class PassCounter:
-    """How much calibration work a fine stage spends, in passes of the calibration set: the multiply-adds of every
-    linear layer of the decoder blocks that ran (tokens x in x out, counted by forward hooks, which fire only
-    when the matmul has run), over those of
-    one pass of all calibration tokens through all of them; and ``lm_head``'s tokens over the calibration tokens.
-    A block's attention products (no weights) are left out: at 128 tokens they are about 4 % of a block."""
-
-    def __init__(self, model):
-        import torch
-
-        self.work = {"blocks": 0, "head": 0}
-        self.per_token = 0
-        self.handles = []
-        for module in model.model.layers.modules():
-            if isinstance(module, torch.nn.Linear):
-                macs = module.in_features * module.out_features
-                self.per_token += macs
-                self.handles.append(module.register_forward_hook(
-                    lambda m, a, out, macs=macs: self.add("blocks", a[0].shape[:-1].numel() * macs)))
-        self.handles.append(model.lm_head.register_forward_pre_hook(
-            lambda m, a: self.add("head", a[0].shape[:-1].numel())))
-
-    def add(self, key: str, amount: int) -> None:
-        self.work[key] += amount
-
-    def passes(self, tokens: int) -> dict:
-        for h in self.handles:
-            h.remove()
-        return {"block_passes": self.work["blocks"] / (tokens * self.per_token), "head_passes": self.work["head"] / tokens}
 
 
 class SameInputs:

@@ -16,11 +16,43 @@ import time
 
 def peak_rss_mb() -> float:
     """This process's peak resident set (VmHWM). Not ``ru_maxrss``: Linux carries that over from the parent
-    through fork and exec, so a child started by a large parent reports the parent's peak."""
+    through fork and exec, so a child started by a large parent reports the parent's peak. Both sides of
+    ``bench/peers.py`` read it with this function."""
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+class PassCounter:
+    """How much calibration work a fine stage spends, in passes of the calibration set: the multiply-adds of every
+    linear layer of the decoder blocks that ran (tokens x in x out, counted by forward hooks, which fire only
+    when the matmul has run), over those of one pass of all calibration tokens through all of them; and
+    ``lm_head``'s tokens over the calibration tokens. A block's attention products (no weights) are left out: at
+    128 tokens they are about 4 % of a block. Both sides of ``bench/peers.py`` count with this class."""
+
+    def __init__(self, model):
+        import torch
+
+        self.work = {"blocks": 0, "head": 0}
+        self.per_token = 0
+        self.handles = []
+        for module in model.model.layers.modules():
+            if isinstance(module, torch.nn.Linear):
+                macs = module.in_features * module.out_features
+                self.per_token += macs
+                self.handles.append(module.register_forward_hook(
+                    lambda m, a, out, macs=macs: self.add("blocks", a[0].shape[:-1].numel() * macs)))
+        self.handles.append(model.lm_head.register_forward_pre_hook(
+            lambda m, a: self.add("head", a[0].shape[:-1].numel())))
+
+    def add(self, key: str, amount: int) -> None:
+        self.work[key] += amount
+
+    def passes(self, tokens: int) -> dict:
+        for h in self.handles:
+            h.remove()
+        return {"block_passes": self.work["blocks"] / (tokens * self.per_token), "head_passes": self.work["head"] / tokens}
 
 
 def main(spec: dict) -> dict:
@@ -48,31 +80,16 @@ def main(spec: dict) -> dict:
     else:
         raise SystemExit(f"unknown method {spec['method']}")
 
-    work = {"blocks": 0, "head": 0}
-    per_token, handles = 0, []  # the same count as bench/peers.py's PassCounter
-
-    def add(key, amount):
-        work[key] += amount
-
-    for module in model.model.layers.modules():
-        if isinstance(module, torch.nn.Linear):
-            macs = module.in_features * module.out_features
-            per_token += macs
-            handles.append(module.register_forward_hook(
-                lambda m, a, out, macs=macs: add("blocks", a[0].shape[:-1].numel() * macs)))
-    handles.append(model.lm_head.register_forward_pre_hook(lambda m, a: add("head", a[0].shape[:-1].numel())))
+    counter = PassCounter(model)
     t0 = time.perf_counter()
     oneshot(model=model, dataset=loader, recipe=recipe, num_calibration_samples=len(rows),
             pipeline="sequential")
     seconds = time.perf_counter() - t0
-    for h in handles:
-        h.remove()
+    passes = counter.passes(windows.numel())
     weights = {f"{n}.weight": m.weight.detach().contiguous() for n, m in model.model.layers.named_modules(
         prefix="model.layers") if isinstance(m, torch.nn.Linear)}
     save_file(weights, spec["out"])
-    tokens = windows.numel()
-    return {"seconds": seconds, "peak_rss_mb": peak_rss_mb(),
-            "block_passes": work["blocks"] / (tokens * per_token), "head_passes": work["head"] / tokens, "threads": torch.get_num_threads(),
+    return {**passes, "seconds": seconds, "peak_rss_mb": peak_rss_mb(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "llmcompressor": __import__("llmcompressor").__version__}
 
 
