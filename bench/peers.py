@@ -143,6 +143,7 @@ class SameInputs:
     time; ``--no-same-inputs`` leaves them out."""
 
     def __init__(self, adapter, spec: dict):
+        import importlib
         import importlib.util
 
         from ecoflap_utils.prune import parse_nm, select_prune_mask
@@ -152,13 +153,31 @@ class SameInputs:
         load.loader.exec_module(self.peer)
         self.select, self.nm, self.sparsity = select_prune_mask, parse_nm(spec["nm"]), spec["sparsity"]
         self.model, self.scalars, self.samples, self.done, self.agree = adapter.model, {}, {}, set(), {}
-        self.handles = []
+        self.handles, self.active = [], False
+        # count only what the statistics passes see (not the capture forward, nor the propagation)
+        from contextlib import contextmanager
+
+        P = importlib.import_module("ecoflap_utils.prune")  # the module (the package exports the function)
+
+        plain = P.input_statistics
+
+        @contextmanager
+        def watched(*args, **kwargs):
+            with plain(*args, **kwargs) as stats:
+                self.active = True
+                try:
+                    yield stats
+                finally:
+                    self.active = False
+
+        P.input_statistics = watched
+        self.restore = lambda: setattr(P, "input_statistics", plain)
         for name in adapter.layer_names():
             module = adapter.model.get_submodule(name.rsplit(".", 1)[0])
             self.handles.append(module.register_forward_pre_hook(lambda m, a, name=name: self.add(name, m, a[0])))
 
     def add(self, name, module, x):
-        if name in self.done:  # after its mask was chosen: the propagation pass
+        if not self.active or name in self.done:
             return
         if name not in self.scalars:
             self.scalars[name], self.samples[name] = self.peer.make_empty_row_scalars(module), 0
@@ -177,6 +196,7 @@ class SameInputs:
         self.done.add(name)
 
     def summary(self) -> dict:
+        self.restore()
         for h in self.handles:
             h.remove()
         worst = min(self.agree.items(), key=lambda kv: kv[1])
