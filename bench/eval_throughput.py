@@ -12,8 +12,14 @@ prompt "Question: {} Short answer:", at most 10 new tokens, at least 1, length p
 * previous code: the loop ``generate_answers`` ran before this change (:func:`previous_generate`, reproduced here):
   16 questions per ``generate`` in input order, left padding, beam search through ``generate`` alone (the prompt
   run once per beam);
-* batched: ``generate_answers`` at its default batch (``evaluate.GENERATE_BATCH`` questions, sorted by prompt
-  length; beam search with the prompt's cache shared by the beams).
+* batched: ``generate_answers`` at its default batch (``evaluate.generate_batch``: ``GREEDY_BATCH`` questions
+  greedy, ``GENERATE_BATCH`` with beams; sorted by prompt length; beam search with the prompt's cache shared by
+  the beams).
+
+A second table times greedy decoding at several batch sizes on ``--batch-items`` questions (500: a headline
+evaluation of the default grid), on the dense mini-blip2 and on the same model pruned by Wanda at 0.5 (64
+calibration samples, seed 0), whose answers run to the 10-token limit: the case that sets the cost of notebook
+07's evaluations. "same answers" there compares with the first batch size's answers.
 
 Each is timed on the same questions, greedy (``num_beams=1``) and beam 5; "same answers" says whether its answers
 equal the one-by-one answers string for string. mini-clip: ``zeroshot_classification`` (bundled held-out digits,
@@ -113,7 +119,7 @@ def vqa_rows(adapter, items: int, one_by_one_items: int):
                 adapter, images[:n], prompts[:n], num_beams=b, batch_size=1, progress=False, **VQA_SETTINGS)),
             ("previous code", 16, items, lambda n, b=beams: previous_generate(
                 adapter, images[:n], prompts[:n], num_beams=b, **VQA_SETTINGS)),
-            ("batched (default)", E.GENERATE_BATCH, items, lambda n, b=beams: E.generate_answers(
+            ("batched (default)", E.generate_batch(beams), items, lambda n, b=beams: E.generate_answers(
                 adapter, images[:n], prompts[:n], num_beams=b, progress=False, **VQA_SETTINGS)),
         ]
         base = None
@@ -128,6 +134,44 @@ def vqa_rows(adapter, items: int, one_by_one_items: int):
                         "same": "reference" if preds is base else ("yes" if preds[:k] == base[:k] else "NO")})
             print(f"  {out[-1]['decoding']:7s} {label:18s} {n / wall:6.2f} items/s", flush=True)
     return out
+
+
+def batch_rows(adapter, items: int, batches) -> list[dict]:
+    """Greedy VQA at each batch size in ``batches``, dense and then pruned by Wanda at 0.5 (in place)."""
+    from ecoflap_utils.prune import prune
+
+    rows = adapter.bundled_eval_data("vqav2")[:items]
+    images, prompts = [r["image"] for r in rows], [E.VQA_PROMPT.format(r["question"]) for r in rows]
+    refs = [r["answers"] for r in rows]
+    out = []
+    for model in ("dense", "Wanda 0.5"):
+        if model != "dense":
+            prune(adapter, 0.5, method="wanda", calib_samples=64, seed=0, progress=False)
+        base = None
+        for batch in batches:
+            preds, wall, cpu = timed(lambda b=batch: E.generate_answers(
+                adapter, images, prompts, num_beams=1, batch_size=b, progress=False, **VQA_SETTINGS))
+            base = preds if base is None else base
+            out.append({"model": model, "batch": batch, "items": len(preds), "wall_s": wall, "cpu_s": cpu,
+                        "default": batch == E.generate_batch(1), "metric": f"{E.score_vqa(preds, refs):.1f}",
+                        "same": "reference" if preds is base else ("yes" if preds == base else "NO")})
+            print(f"  {model:9s} batch {batch:4d} {len(preds) / wall:6.2f} items/s", flush=True)
+    return out
+
+
+def batch_table(rows) -> str:
+    head = ["mini-blip2", "questions per call", "items", "wall s", "items/s (wall)", "items/s (CPU)",
+            "x first batch (wall)", "metric", "same answers"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    base = {}
+    for r in rows:
+        rate = r["items"] / r["wall_s"]
+        base.setdefault(r["model"], rate)
+        lines.append("| " + " | ".join([
+            r["model"], f"{r['batch']}{' (default)' if r['default'] else ''}", str(r["items"]), f"{r['wall_s']:.1f}",
+            f"{rate:.2f}", f"{r['items'] / r['cpu_s']:.2f}", f"{rate / base[r['model']]:.2f}", r["metric"],
+            r["same"]]) + " |")
+    return "\n".join(lines)
 
 
 def clip_rows(items: int):
@@ -166,12 +210,24 @@ def main(argv=None) -> int:
     ap.add_argument("--items", type=int, default=100, help="mini-blip2 questions per configuration")
     ap.add_argument("--one-by-one-items", type=int, default=50,
                     help="questions for the one-by-one rows, the first of the --items (fewer keeps the bench short)")
+    ap.add_argument("--batch-items", type=int, default=500,
+                    help="questions for the greedy batch-size table (dense and Wanda 0.5); 0 skips that table")
+    ap.add_argument("--batches", default="32,128,256", help="greedy batch sizes for that table, comma-separated")
     ap.add_argument("--clip-items", type=int, default=500, help="mini-clip held-out images per configuration")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadier on a shared machine)")
     ap.add_argument("--out", default=str(OUT), help="where the Markdown result goes")
     a = ap.parse_args(argv)
-    if min(a.items, a.clip_items, a.threads, a.one_by_one_items) < 1:
-        print("error: --items, --one-by-one-items, --clip-items and --threads must be positive", file=sys.stderr)
+    if min(a.items, a.clip_items, a.threads, a.one_by_one_items) < 1 or a.batch_items < 0:
+        print("error: --items, --one-by-one-items, --clip-items and --threads must be positive (--batch-items may "
+              "be 0)", file=sys.stderr)
+        return 2
+    try:
+        batches = [int(x) for x in a.batches.split(",") if x.strip()]
+    except ValueError:
+        batches = []
+    if not batches or min(batches) < 1:
+        print(f"error: --batches {a.batches!r} must be positive integers separated by commas, e.g. 32,128",
+              file=sys.stderr)
         return 2
     torch.set_num_threads(a.threads)
     command = "nice .venv/bin/python bench/eval_throughput.py" + "".join(
@@ -181,6 +237,7 @@ def main(argv=None) -> int:
     print(f"loading mini-blip2 ({load_before})", flush=True)
     blip = load_model("mini-blip2")
     rows = vqa_rows(blip, a.items, a.one_by_one_items)
+    brows = batch_rows(blip, a.batch_items, batches) if a.batch_items else []
     del blip
     rows += clip_rows(a.clip_items)
     total = time.perf_counter() - t0
@@ -203,13 +260,24 @@ def main(argv=None) -> int:
         "on the items of the row. Zero-shot: metric = top-1 accuracy.",
         "* one by one = `generate_answers(batch_size=1)`; previous code = the batched loop before this change "
         "(16 questions per `generate`, input order, beams expanded before the prompt's forward); batched = "
-        f"`generate_answers` at its default ({E.GENERATE_BATCH} questions per call, sorted by prompt length, the "
+        f"`generate_answers` at its default ({E.GREEDY_BATCH} questions per call greedy, {E.GENERATE_BATCH} with beams, "
+        "sorted by prompt length, the "
         "prompt's key/value cache computed once and shared by the beams). same answers: equal, string for string, "
         "to the one-by-one answers on the items both evaluated.",
         "* x one by one: wall-time speed-up over the one-by-one row of the same model and decoding. Wall times move "
         "with the machine's load; CPU time (this process) much less.",
         "",
-    ])
+    ] + ([
+        f"## Greedy decoding: questions per call ({a.batch_items} questions)",
+        "",
+        batch_table(brows),
+        "",
+        "* The same questions at each batch size, dense and then pruned by Wanda at 0.5 (64 calibration samples, "
+        "seed 0; its answers run to the 10-token limit). same answers: equal, string for string, to the first "
+        "batch size's answers. A greedy step reads every weight once whatever the batch, so larger batches pay "
+        "until the arithmetic dominates.",
+        "",
+    ] if brows else []))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(text)
     print("\n" + table(rows))

@@ -45,7 +45,7 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
                         "for perplexity)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="batch size: images for CLIP tasks (default 64); questions or images per generate call for "
-                        "vqav2/okvqa/gqa/caption (default 32; with beam search each is --num-beams rows; 1 generates "
+                        "vqav2/okvqa/gqa/caption (default 128 greedy, 32 with beam search, where each is --num-beams rows; 1 generates "
                         "one by one, with the same answers); windows for perplexity (default 1)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16")

@@ -4,7 +4,7 @@
   (R@1/5/10), following CLIP (Radford et al. 2021) and CLIP_benchmark's JSON;
 * BLIP-2: VQAv2 / OK-VQA (VQA accuracy), GQA (exact match) and captioning (CIDEr-D, BLEU-4),
   generated the way BLIP-2/LAVIS does (prompt ``"Question: {} Short answer:"``, beam search), in batches of
-  :data:`GENERATE_BATCH` questions with the key/value cache; ``num_beams=1`` (greedy) is the fast path, and the
+  :data:`GENERATE_BATCH` questions (:data:`GREEDY_BATCH` greedy) with the key/value cache; ``num_beams=1`` (greedy) is the fast path, and the
   answers do not depend on the batch size (:func:`generate_answers`);
 * causal LMs: WikiText-2 perplexity with the SparseGPT/Wanda protocol.
 
@@ -73,6 +73,20 @@ CAPTION_PROMPT = "a photo of"
 #: questions (or images) per ``generate`` call when no batch size is given (``--batch-size`` of the generation
 #: tasks); with beam search each one is ``num_beams`` rows of the LM's batch. 1 is the one-by-one path.
 GENERATE_BATCH = 32
+#: questions per call with greedy decoding (``num_beams=1``) when no batch size is given. Larger than
+#: :data:`GENERATE_BATCH` because a greedy decoding step is bound by reading the weights, not by arithmetic: on
+#: mini-blip2 at one CPU thread 500 questions took 19.7 s dense and 45.6 s pruned at 32 per call, 16.0 s and 31.3 s
+#: at 128, 17.4 s and 30.6 s at 256 (bench/results/eval_throughput.md). 128 rows is what beam 5 at 32 questions
+#: (160 rows) already holds in memory.
+GREEDY_BATCH = 128
+
+
+def generate_batch(num_beams: int, batch_size: int | None = None) -> int:
+    """Questions per ``generate`` call: ``batch_size`` when given, else :data:`GREEDY_BATCH` for greedy decoding
+    and :data:`GENERATE_BATCH` for beam search."""
+    if batch_size is not None:
+        return batch_size
+    return GREEDY_BATCH if num_beams == 1 else GENERATE_BATCH
 # --------------------------------------------------------------------------- small helpers
 def _disable(progress: bool | None) -> bool | None:
     """tqdm's ``disable``: None shows bars only on a terminal; False hides them."""
@@ -368,7 +382,7 @@ class _Blip2Inputs:
 
 def generate_answers(adapter, images: Sequence[Any], prompts: Sequence[str] | str, *, max_new_tokens: int = 10,
                      min_new_tokens: int = 0, num_beams: int = 1, length_penalty: float = 1.0,
-                     batch_size: int = GENERATE_BATCH, min_length: int | None = None,
+                     batch_size: int | None = None, min_length: int | None = None,
                      progress: bool | None = None) -> list[str]:
     """Generate one text per image with a BLIP-2 model (Li et al. 2023, Sec. 3.3), deterministically.
 
@@ -382,7 +396,7 @@ def generate_answers(adapter, images: Sequence[Any], prompts: Sequence[str] | st
     output sequence, for T5 the decoder's start token included (so ``min_length=k`` means k - 1 new tokens), for
     a decoder-only LM the prompt included. Give one of the two.
 
-    Batching: ``batch_size`` questions per ``generate`` call, with the key/value cache (``num_beams=1``, greedy,
+    Batching: ``batch_size`` questions per ``generate`` call (None: :func:`generate_batch`), with the key/value cache (``num_beams=1``, greedy,
     is the fast path); questions are taken in order of prompt length so that a batch pads as little as possible,
     and the answers come back in the input order. Padding is invisible: masked positions get no attention and
     position ids follow the attention mask (``cumsum(mask) - 1``, transformers' ``generate``), so each answer is
@@ -394,6 +408,7 @@ def generate_answers(adapter, images: Sequence[Any], prompts: Sequence[str] | st
     _check_positive(batch_size, "batch_size")
     _check_positive(max_new_tokens, "max_new_tokens")
     _check_positive(num_beams, "num_beams")
+    batch_size = generate_batch(num_beams, batch_size)
     images, prompts = _paired_prompts(images, prompts)
     if not images:
         return []
@@ -734,7 +749,7 @@ def rows_answer_list(rows: Sequence[Mapping[str, Any]], key: str = "answers") ->
 
 def vqa(adapter, questions: Sequence[Mapping[str, Any]], *, prompt: str = VQA_PROMPT, max_new_tokens: int = 10,
         min_new_tokens: int = 1, num_beams: int = 5, length_penalty: float = -1.0,
-        batch_size: int = GENERATE_BATCH,
+        batch_size: int | None = None,
         limit: int | None = None, metric: str | None = None, inference: str = "generate",
         answer_list: Sequence[str] | None = None, min_length: int | None = None,
         progress: bool | None = None) -> dict[str, Any]:
@@ -758,7 +773,8 @@ def vqa(adapter, questions: Sequence[Mapping[str, Any]], *, prompt: str = VQA_PR
     (:func:`generate_answers`; LAVIS's ``min_len 1``, which on Flan-T5 imposes nothing). Generated results hold
     ``generation``: the settings used.
 
-    Speed: ``batch_size`` questions per ``generate`` (or rank) call, :data:`GENERATE_BATCH` by default; the
+    Speed: ``batch_size`` questions per ``generate`` (or rank) call, by default :func:`generate_batch` (rank:
+    :data:`GENERATE_BATCH`); the
     answers are those of ``batch_size=1``. Greedy decoding (``num_beams=1``) costs about a fifth of beam 5 on
     the bundled mini-blip2 (bench/results/eval_throughput.md).
     """
@@ -794,7 +810,8 @@ def vqa(adapter, questions: Sequence[Mapping[str, Any]], *, prompt: str = VQA_PR
         if not cands:
             raise UserError("the answer list for rank inference is empty: give --answer-list FILE with one answer "
                             "per line, or rows whose reference answers are not empty")
-        preds, _ = rank_answers(adapter, images, prompts, cands, batch_size=batch_size, progress=progress)
+        preds, _ = rank_answers(adapter, images, prompts, cands, batch_size=batch_size or GENERATE_BATCH,
+                                progress=progress)
     else:
         if min_length is not None:
             min_new_tokens = 0
@@ -839,7 +856,7 @@ def caption_item_scores(predictions: Sequence[str], references: Sequence[Sequenc
 
 
 def caption(adapter, dataset: Any, *, prompt: str | None = None, max_new_tokens: int = 30, min_new_tokens: int = 8,
-            num_beams: int = 5, batch_size: int = GENERATE_BATCH, limit: int | None = None,
+            num_beams: int = 5, batch_size: int | None = None, limit: int | None = None,
             image_root: str | os.PathLike | None = None, split: str | None = "test",
             min_length: int | None = None, progress: bool | None = None) -> dict[str, Any]:
     """Image captioning with BLIP-2 (ECoFLaP Table 1, NoCaps/COCO; LAVIS's settings: prompt
@@ -1081,7 +1098,7 @@ def evaluate(adapter, task: str | None = None, data: Any = None, *, limit: int |
     VQA tasks take ``vqa_inference`` (``"generate"``, or ``"rank"``: :func:`vqa`) and, for rank,
     ``answer_list`` (a list or a file: one answer per line, or a JSON list; default: the evaluated rows' answers).
     ``batch_size``: images per forward for CLIP tasks (default 64), questions or images per ``generate`` call for
-    BLIP-2 (default :data:`GENERATE_BATCH`; the answers do not depend on it), windows for perplexity (default 1).
+    BLIP-2 (default :func:`generate_batch`; the answers do not depend on it), windows for perplexity (default 1).
     Returns the task's metrics, ``intervals`` (``{headline metric: [low, high]}``, 95 % bootstrap over the
     evaluated items; see the module docstring) and ``predictions`` / ``clip_benchmark`` where there are some.
 
@@ -1133,7 +1150,7 @@ def evaluate(adapter, task: str | None = None, data: Any = None, *, limit: int |
     if task == "retrieval":
         return {**retrieval(adapter, data, batch_size=batch_size or 64, limit=limit, split=split,
                             image_root=image_root, progress=progress), **proto}
-    gen = dict(batch_size=batch_size or GENERATE_BATCH, limit=limit, progress=progress)
+    gen = dict(batch_size=batch_size, limit=limit, progress=progress)
     for key in ("max_new_tokens", "num_beams", "min_length", "length_penalty"):
         if key in preset:
             gen[key] = preset[key]
