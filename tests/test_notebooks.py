@@ -63,6 +63,25 @@ def test_every_grid_names_only_parameters_its_notebook_has(grid):
     assert expand_grid(grid)  # and the runner accepts it
 
 
+def test_default_grid_headline_comparisons_have_three_seeds_and_500_items():
+    """Issue 18's bar for what `make run` shows: each headline comparison (04, 05, 07 on mini-blip2 / mini-clip
+    questions and images, 06 on SmolLM2 perplexity) runs at 3 or more seeds and evaluates 500 or more held-out
+    items, and the bundled held-out set really has that many (a limit past its end would evaluate fewer).
+    06's items are tokens: EVAL_LIMIT windows of 512 tokens, each scoring 511 (its interval resamples windows)."""
+    from ecoflap_utils.zoo import miniclip
+
+    heldout = len(miniclip.heldout_order())  # mini-blip2's VQA questions and mini-clip's digits, one per image
+    assert heldout >= 1000
+    entries = {Path(e["notebook"]).name[:2]: {**(e.get("parameters") or {}), **(e.get("grid") or {})}
+               for e in _entries(ROOT / "grids" / "default.yaml")}
+    for nb in ("04", "05", "06", "07"):
+        p = entries[nb]
+        seeds = p["SEEDS"]
+        assert len(set(seeds)) >= 3, (nb, seeds)
+        items = p["EVAL_LIMIT"] * 511 if nb == "06" else min(p["EVAL_LIMIT"] or heldout, heldout)
+        assert items >= 500, (nb, p["EVAL_LIMIT"])
+
+
 def test_paper_grid_agrees_with_the_protocol_it_asks_for():
     """Every paper.yaml entry with PROTOCOL: paper passes its notebook's check: CALIB_SAMPLES, FIRST_STAGE_SAMPLES,
     PERTURB and SEQ_LEN (as set there, else the notebook's defaults) are the preset's for the model's family."""
