@@ -68,6 +68,30 @@ def test_row_comparison_meets_the_target_when_s_cin_is_fractional(s):
     assert (pruned_max <= kept_min).all()
 
 
+def _fractional_by_sort(scores, s):
+    """The fractional-row rule written with two stable sorts (the code before session 8): the first floor(s * C_in)
+    of each row's sort, then position floor(s * C_in) of the sort in the rows whose value there is lowest."""
+    rows, cols = scores.shape
+    k, mask = int(s * cols), torch.zeros_like(scores, dtype=torch.bool)
+    extra = int(s * scores.numel()) - k * rows
+    order = torch.sort(scores, dim=1, stable=True)
+    mask.scatter_(1, order.indices[:, :k], True)
+    plus = torch.sort(order.values[:, k], stable=True).indices[:extra]
+    mask[plus, order.indices[plus, k]] = True
+    return mask
+
+
+@pytest.mark.parametrize("s", [0.01, 0.3, 0.6, 0.77, 0.99])
+def test_fractional_rows_equal_the_stable_sort_rule_ties_included(s):
+    """The extra weight of the fractional rows is found by a row minimum, not a sort: the masks must be those of
+    the sort, with scores drawn from 4 values (ties at the k-th and the next place in most rows, and between rows)
+    and from a continuous draw."""
+    g = torch.Generator().manual_seed(int(s * 100))
+    for scores in (torch.randint(0, 4, (48, 37), generator=g).float(), torch.rand(48, 37, generator=g)):
+        assert int(s * scores.numel()) > int(s * 37) * 48  # the fractional path
+        assert torch.equal(select_prune_mask(scores, s, comparison="row"), _fractional_by_sort(scores, s))
+
+
 def test_matrix_comparison_prunes_floor_s_numel():
     scores = torch.rand(13, 37, generator=torch.Generator().manual_seed(1))
     mask = select_prune_mask(scores, 0.45, comparison="matrix")
