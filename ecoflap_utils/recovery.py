@@ -231,24 +231,33 @@ def end_frame(records: Sequence[Mapping[str, Any]], metric: str | None = None):
 def curve_frame(records: Sequence[Mapping[str, Any]], metric: str = "vqa_accuracy"):
     """One row per evaluated point of each curve: method, sparsity, trained, steps, the metric and its interval
     (the figure of notebook 07 plots it). A point measured at several seeds (``config.seed``; ``seeds=`` of
-    :func:`recovery_curves`) is one row: the mean over the seeds, ``low`` and ``high`` the mean of their item
-    intervals (as ``records.points`` pools them), ``seed min``, ``seed max`` and ``seeds`` (how many)."""
-    import numpy as np
+    :func:`recovery_curves`) is one row, pooled by ``records.points`` (the pooling of the headline tables and the
+    summary figures): the mean over the seeds, ``low`` and ``high`` the mean of their item intervals,
+    ``seed min``, ``seed max`` and ``seeds`` (how many). Two different records of one point at the same seed are a
+    UserError, not a second seed. Rows in order of each curve's first record, then by step."""
     import pandas as pd
 
-    cells: dict[tuple, list[tuple[float, float, float]]] = {}
-    for r in records:
-        c = r.get("config", {})
-        if r.get("method") == "dense" or "steps" not in c or metric not in r.get("metrics", {}):
-            continue
-        iv = (r.get("intervals") or {}).get(metric) or [float("nan"), float("nan")]
-        key = (r["method"], r["sparsity"], c.get("trained"), c["steps"])
-        cells.setdefault(key, []).append((float(r["metrics"][metric]), float(iv[0]), float(iv[1])))
-    rows = []
-    for (method, sparsity, trained, steps), got in cells.items():
-        v, lo, hi = (np.array(x) for x in zip(*got))
-        rows.append({"method": method, "sparsity": sparsity, "trained": trained, "steps": steps,
-                     metric: float(v.mean()), "low": float(lo.mean()), "high": float(hi.mean()),
-                     "seed min": float(v.min()), "seed max": float(v.max()), "seeds": len(got)})
-    return pd.DataFrame(rows, columns=["method", "sparsity", "trained", "steps", metric, "low", "high", "seed min",
-                                       "seed max", "seeds"])
+    from .records import points, records_frame
+
+    columns = ["method", "sparsity", "trained", "steps", metric, "low", "high", "seed min", "seed max", "seeds"]
+    kept = [r for r in records if r.get("method") != "dense" and "steps" in r.get("config", {})
+            and metric in r.get("metrics", {})]
+    if not kept:
+        return pd.DataFrame(columns=columns)
+    curves: dict[tuple, tuple] = {}  # points' row key (strings) -> (method, sparsity, trained), first seen first
+    for r in kept:
+        trained = r["config"].get("trained")
+        key = (str(r["method"]), str(r["sparsity"]), "–" if trained is None else str(trained))
+        curves.setdefault(key, (r["method"], r["sparsity"], trained))
+    df = records_frame(kept)
+    if "config.trained" not in df.columns:
+        df["config.trained"] = None
+    pts = points(df, metric, column="config.steps", rows=("method", "sparsity", "config.trained"),
+                 headline=False, hint="one record per curve, step and seed")
+    rows = [{"method": curves[k][0], "sparsity": curves[k][1], "trained": curves[k][2], "steps": int(p["at"]),
+             metric: p["value"], "low": p["low"], "high": p["high"], "seed min": p["seed_low"],
+             "seed max": p["seed_high"], "seeds": p["n_seeds"]}
+             for k, p in ((tuple(p["key"]), p) for p in pts.to_dict("records"))]
+    order = {k: i for i, k in enumerate(curves.values())}
+    rows.sort(key=lambda r: (order[(r["method"], r["sparsity"], r["trained"])], r["steps"]))
+    return pd.DataFrame(rows, columns=columns)

@@ -189,7 +189,9 @@ pd.DataFrame([{"method": r["method"], "sparsity": r["sparsity"], "seed": r["conf
 # ranges over seeds do not overlap, but the item intervals still do: so "no clear difference" by the rule
 # above, with the seeds on ECoFLaP's side, like the paper's LLaMA result. With 4 windows (session 6) the picture
 # was the same (99.4 against 123.7) with wider intervals; the bundled text has 59 windows of 512 tokens in all
-# (`EVAL_LIMIT`, about 1.7 s each per evaluation here).
+# (`EVAL_LIMIT`, about 1.7 s each per evaluation here). Each evaluation scores 8,176 held-out tokens, but the
+# interval resamples whole windows (tokens of one window are not independent), so it is as wide as 16 items
+# make it: all 59 windows would cost about 70 s more per model, seven models per run.
 #
 # Earlier single-seed runs with more of the grid (`grids/full.yaml` runs them over the seeds) found:
 #

@@ -155,14 +155,14 @@ table
 # digits; it says nothing about how far fine-tuning closes the gap on VQAv2.
 #
 # The bundled default (`grids/default.yaml`: Wanda and ECoFLaP at 0.5, seeds 0-2, 20 steps of 16 on the
-# Q-Former, 100 questions) measured once: dense 98 [95, 100]; both methods at 0 % before fine-tuning at
-# every seed; after it, uniform Wanda 84.3 (64–96 over the seeds) [78, 90] and ECoFLaP 79.7 (73–92)
-# [71.7, 86.7]. Fine-tuning clearly gives back most of the loss for both, at every seed; whether ECoFLaP's
-# allocation still matters after it, this run cannot tell: no clear difference, with ECoFLaP minus Wanda
-# −1, +10 and −23 points seed by seed. The seed (calibration samples, noise and the order of the
-# fine-tuning batches) moves a fine-tuned model by up to 32 points, far more than the item interval: the
-# first seed's curves in the figure were among the best, and a single-seed run (the earlier 78 against 78)
-# says little. `grids/full.yaml` runs the same with 30 steps and 500 questions per evaluation.
+# Q-Former, every evaluation on 500 questions) measured once: dense 97.8 [96.4, 99.0]; both methods at 0 %
+# before fine-tuning at every seed (Wanda 0.07 (0–0.2), ECoFLaP 0.0); after it, uniform Wanda 83.9 (66–94 over
+# the seeds) [80.7, 86.7] and ECoFLaP 78.0 (70–91) [74.4, 81.4]. Fine-tuning clearly gives back most of the
+# loss for both, at every seed; whether ECoFLaP's allocation still matters after it, this run cannot tell: no
+# clear difference, with ECoFLaP minus Wanda −3, +7 and −21.6 points seed by seed. With 500 questions the item
+# intervals are about ±3 points, so the seed (calibration samples, noise and the order of the fine-tuning
+# batches), which moves a fine-tuned model by up to 28 points, is what decides; a single-seed run (the earlier
+# 78 against 78) says little. `grids/full.yaml` runs the same with 30 steps and the curves' intermediate points.
 
 # %%
 shown = rc.labelled(records, trained="+".join(STACKS))

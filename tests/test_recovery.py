@@ -129,3 +129,28 @@ def test_seeds_measure_every_end_point_and_the_first_seed_s_curve():
     assert list(curve_frame(recs).query("method == 'wanda'")["seeds"]) == [2, 1, 2]  # step 1: the first seed only
     text = report.compare(labelled(recs), a="ecoflap-zeroth · FT", b="wanda · FT", sparsity=0.5)
     assert "over 2 seeds" in text and "tiny-blip2-opt" in text
+
+
+def _point(seed, steps, value, *, final=True, method="wanda"):
+    return {"model": "m", "method": method, "sparsity": 0.5, "task": "vqav2", "metrics": {"vqa_accuracy": value},
+            "intervals": {"vqa_accuracy": [value - 2.0, value + 2.0]},
+            "config": {"seed": seed, "steps": steps, "finetuned": steps > 0, "final": final, "trained": "qformer"}}
+
+
+def test_curve_frame_pools_seeds_like_the_headline_and_refuses_a_repeated_seed():
+    """Hand-made records: each point of a curve is the mean of its seeds, min-max over them and the mean item
+    interval (records.points' pooling); a step measured by one seed stays one seed; two different records of one
+    point at the same seed are an error, never counted as a second seed."""
+    from ecoflap_utils.errors import UserError
+
+    recs = [_point(0, 0, 0.0), _point(0, 10, 50.0, final=False), _point(0, 20, 80.0), _point(1, 0, 2.0),
+            _point(1, 20, 90.0), _point(0, 0, 1.0, method="ecoflap-zeroth"), _point(0, 20, 70.0, method="ecoflap-zeroth")]
+    frame = curve_frame(recs)
+    got = [(r["method"], r["steps"], r["vqa_accuracy"], r["seed min"], r["seed max"], r["seeds"], r["low"], r["high"])
+           for r in frame.to_dict("records")]
+    assert got == [("wanda", 0, 1.0, 0.0, 2.0, 2, -1.0, 3.0), ("wanda", 10, 50.0, 50.0, 50.0, 1, 48.0, 52.0),
+                   ("wanda", 20, 85.0, 80.0, 90.0, 2, 83.0, 87.0), ("ecoflap-zeroth", 0, 1.0, 1.0, 1.0, 1, -1.0, 3.0),
+                   ("ecoflap-zeroth", 20, 70.0, 70.0, 70.0, 1, 68.0, 72.0)]
+    assert set(frame["trained"]) == {"qformer"} and set(frame["sparsity"]) == {0.5}
+    with pytest.raises(UserError, match="same seed"):
+        curve_frame(recs + [_point(1, 20, 70.0)])
