@@ -182,16 +182,17 @@ pd.DataFrame([{"method": r["method"], "sparsity": r["sparsity"], "seed": r["conf
 # measured. The last line gives ECoFLaP's gain over Wanda seed by seed (the same calibration windows).
 #
 # The bundled default (`grids/default.yaml`: SmolLM2-135M, ECoFLaP zeroth against uniform Wanda at 0.6,
-# seeds 0-2, 32 calibration windows of 64 tokens, 16 first-stage windows, group scores, 16 held-out
-# windows of 512 tokens) measured once (fresh clone, 2026-12-07): dense 20.45 [17.57, 23.69]; uniform Wanda
-# 129.8 (127.5–132.4 over the seeds) [109.7, 155.6]; ECoFLaP 102.6 (94.3–115.6) [88.2, 119.9]. ECoFLaP was
-# better at every seed (−27.2 perplexity on average, −38.1 to −13.8, against Wanda on the same windows) and the
-# ranges over seeds do not overlap, but the item intervals still do: so "no clear difference" by the rule
-# above, with the seeds on ECoFLaP's side, like the paper's LLaMA result. With 4 windows (session 6) the picture
-# was the same (99.4 against 123.7) with wider intervals; the bundled text has 59 windows of 512 tokens in all
-# (`EVAL_LIMIT`, about 1.7 s each per evaluation here). Each evaluation scores 8,176 held-out tokens, but the
-# interval resamples whole windows (tokens of one window are not independent), so it is as wide as 16 items
-# make it: all 59 windows would cost about 70 s more per model, seven models per run.
+# seeds 0-2, 32 calibration windows of 64 tokens, 16 first-stage windows, group scores, 12 held-out
+# windows of 512 tokens) measured once (fresh clone, 2026-12-07, session 8): dense 19.16 [16.30, 22.73];
+# uniform Wanda 123.3 (121.2–126.6 over the seeds) [100.0, 150.3]; ECoFLaP 97.9 (90.2–110.1) [81.4, 116.5].
+# ECoFLaP was better at every seed (−25.5 perplexity on average, −36.3 to −12.2, against Wanda on the same
+# windows) and the ranges over seeds do not overlap, but the item intervals still do: so "no clear
+# difference" by the rule above, with the seeds on ECoFLaP's side, like the paper's LLaMA result. With 16
+# windows (session 7: 102.6 against 129.8) and 4 (session 6: 99.4 against 123.7) the picture was the same; the
+# bundled text has 59 windows of 512 tokens in all (`EVAL_LIMIT`, about 1.7 s each per evaluation here). Each
+# evaluation scores 6,132 held-out tokens, but the interval resamples whole windows (tokens of one window are
+# not independent), so it is as wide as 12 items make it: all 59 windows would cost about 80 s more per model,
+# seven models per run, which `make run`'s 20 minutes do not hold (`grids/full.yaml` uses 16).
 #
 # Earlier single-seed runs with more of the grid (`grids/full.yaml` runs them over the seeds) found:
 #
@@ -202,7 +203,7 @@ pd.DataFrame([{"method": r["method"], "sparsity": r["sparsity"], "seed": r["conf
 # * the cap p + 0.05 gave 109, p + 0.1 (the paper's) 98: the allocation wanted room to move;
 # * ε 1e-3 and 1e-2 gave 98.0 and 104.1, within the noise of one direction per batch;
 # * N:M at 0.5: 2:4 cost far more than unstructured 0.5 (Wanda 178, SparseGPT 84 against 42 and 40),
-#   4:8 less (82 and 57). This run's 2:4 Wanda is in the table.
+#   4:8 less (82 and 57). `grids/full.yaml` runs 2:4 (the default grid no longer does).
 #
 # The loss landscape (mini-clip): along random directions the text tower's loss was a clear bowl, the
 # image tower's nearly flat over ±0.2‖W‖ and close to linear — both smooth at the ε scale (1e-3), which is
