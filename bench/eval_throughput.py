@@ -268,7 +268,7 @@ def main(argv=None) -> int:
         "with the machine's load; CPU time (this process) much less.",
         "",
     ] + ([
-        f"## Greedy decoding: questions per call ({a.batch_items} questions)",
+        f"## Greedy decoding: questions per call ({brows[0]['items']} questions)",
         "",
         batch_table(brows),
         "",

@@ -74,10 +74,11 @@ CAPTION_PROMPT = "a photo of"
 #: tasks); with beam search each one is ``num_beams`` rows of the LM's batch. 1 is the one-by-one path.
 GENERATE_BATCH = 32
 #: questions per call with greedy decoding (``num_beams=1``) when no batch size is given. Larger than
-#: :data:`GENERATE_BATCH` because a greedy decoding step is bound by reading the weights, not by arithmetic: on
-#: mini-blip2 at one CPU thread 500 questions took 19.7 s dense and 45.6 s pruned at 32 per call, 16.0 s and 31.3 s
-#: at 128, 17.4 s and 30.6 s at 256 (bench/results/eval_throughput.md). 128 rows is what beam 5 at 32 questions
-#: (160 rows) already holds in memory.
+#: :data:`GENERATE_BATCH` because a greedy decoding step over few rows is bound by reading the weights: on
+#: mini-blip2 at one CPU thread 500 questions took 20.0 s dense and 42.0 s Wanda-0.5-pruned at 32 per call,
+#: 17.8 s and 30.7 s at 128, 18.1 s and 30.9 s at 256 (bench/results/eval_throughput.md). The language model then
+#: holds 128 rows, fewer than beam 5 at 32 questions (160); the vision encoder and Q-Former see 128 images per
+#: call instead of 32 (pass ``batch_size`` to lower it where memory is short).
 GREEDY_BATCH = 128
 
 
@@ -810,8 +811,8 @@ def vqa(adapter, questions: Sequence[Mapping[str, Any]], *, prompt: str = VQA_PR
         if not cands:
             raise UserError("the answer list for rank inference is empty: give --answer-list FILE with one answer "
                             "per line, or rows whose reference answers are not empty")
-        preds, _ = rank_answers(adapter, images, prompts, cands, batch_size=batch_size or GENERATE_BATCH,
-                                progress=progress)
+        preds, _ = rank_answers(adapter, images, prompts, cands,
+                                batch_size=GENERATE_BATCH if batch_size is None else batch_size, progress=progress)
     else:
         if min_length is not None:
             min_new_tokens = 0

@@ -109,11 +109,15 @@ def select_prune_mask(scores: torch.Tensor, sparsity: float, *, nm: tuple[int, i
             return _lowest_per_row(scores, k)
         # the fractional part of s * C_in: one more weight in the rows whose next candidate (position k of the
         # row's stable sort) matters least, rows in order of that value, ties by row
-        mask = _lowest_per_row(scores, k)
-        if k < cols:
+        if _selectable(scores):
+            mask = _lowest_per_row(scores, k)
             nxt_val, nxt_idx = _next_per_row(scores, mask, k)
-            rows_plus = torch.sort(nxt_val, stable=True).indices[:extra]
-            mask[rows_plus, nxt_idx[rows_plus]] = True
+        else:  # inf, NaN or integer scores: the sort's order (NaN last) is the definition
+            order = torch.sort(scores, dim=1, stable=True)
+            mask.scatter_(1, order.indices[:, :k], True)
+            nxt_val, nxt_idx = order.values[:, k], order.indices[:, k]
+        rows_plus = torch.sort(nxt_val, stable=True).indices[:extra]
+        mask[rows_plus, nxt_idx[rows_plus]] = True
         return mask
     if comparison == "matrix":  # the first floor(s * numel) of a stable sort of the flattened scores
         return _lowest_per_row(scores.reshape(1, -1), int(sparsity * scores.numel())).reshape(rows, cols)
@@ -128,8 +132,8 @@ def _lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= scores.shape[1]:
         return torch.ones_like(scores, dtype=torch.bool)
-    if scores.device.type != "cpu":  # CUDA's kthvalue gives each row one thread block: the sort is faster there
-        mask = torch.zeros_like(scores, dtype=torch.bool)
+    if scores.device.type != "cpu" or not _selectable(scores):  # CUDA's kthvalue gives each row one thread block:
+        mask = torch.zeros_like(scores, dtype=torch.bool)  # the sort is faster there; inf/NaN: the sort's order
         return mask.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
     kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
     mask = scores < kth
@@ -138,11 +142,17 @@ def _lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
     return mask
 
 
+def _selectable(scores: torch.Tensor) -> bool:
+    """Whether the selection shortcuts give the stable sort's answer: finite floating-point scores on CPU (the
+    sort puts NaN last and orders infinities, which ``kthvalue`` and a +inf fill do not reproduce)."""
+    return scores.device.type == "cpu" and scores.is_floating_point() and bool(torch.isfinite(scores).all())
+
+
 def _next_per_row(scores: torch.Tensor, lowest: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Value and position of each row's entry at place ``k`` of a stable row sort, given ``lowest``, the first
     ``k`` of that sort (:func:`_lowest_per_row`): the smallest score not among them, the first such position on a
-    tie (``torch.min`` over a row returns the first index of its minimum on CPU and CUDA alike). Costs a masked
-    copy and a row minimum instead of a full sort (which on CPU took as long as Wanda's calibration forwards
+    tie (``torch.min`` over a row returns the first index of its minimum). Only for :func:`_selectable` scores.
+    Costs a masked copy and a row minimum instead of a full sort (which on CPU took as long as Wanda's calibration forwards
     at 0.6 on SmolLM2)."""
     if k == 0:
         return scores.min(dim=1)

@@ -237,27 +237,32 @@ def curve_frame(records: Sequence[Mapping[str, Any]], metric: str = "vqa_accurac
     UserError, not a second seed. Rows in order of each curve's first record, then by step."""
     import pandas as pd
 
-    from .records import points, records_frame
+    from .errors import UserError
+    from .records import _missing, points, records_frame
 
     columns = ["method", "sparsity", "trained", "steps", metric, "low", "high", "seed min", "seed max", "seeds"]
     kept = [r for r in records if r.get("method") != "dense" and "steps" in r.get("config", {})
             and metric in r.get("metrics", {})]
     if not kept:
         return pd.DataFrame(columns=columns)
-    curves: dict[tuple, tuple] = {}  # points' row key (strings) -> (method, sparsity, trained), first seen first
-    for r in kept:
-        trained = r["config"].get("trained")
-        key = (str(r["method"]), str(r["sparsity"]), "–" if trained is None else str(trained))
-        curves.setdefault(key, (r["method"], r["sparsity"], trained))
+    where = {(str(r.get("model")), str(r.get("task"))) for r in kept}
+    if len(where) > 1:
+        raise UserError(f"curve_frame takes the curves of one model and task, got {sorted(where)}: "
+                        "pass the records of one at a time")
     df = records_frame(kept)
     if "config.trained" not in df.columns:
         df["config.trained"] = None
-    pts = points(df, metric, column="config.steps", rows=("method", "sparsity", "config.trained"),
-                 headline=False, hint="one record per curve, step and seed")
+    cols = ("method", "sparsity", "config.trained")
+    curves: dict[tuple, tuple] = {}  # points' row key (built as points builds it) -> the record's own values
+    for r, row in zip(kept, df.to_dict("records")):
+        key = tuple("–" if _missing(row.get(c)) else str(row.get(c)) for c in cols)
+        curves.setdefault(key, (r["method"], r["sparsity"], r["config"].get("trained")))
+    pts = points(df, metric, column="config.steps", rows=cols, headline=False,
+                 hint="one record per curve, step and seed")
     rows = [{"method": curves[k][0], "sparsity": curves[k][1], "trained": curves[k][2], "steps": int(p["at"]),
              metric: p["value"], "low": p["low"], "high": p["high"], "seed min": p["seed_low"],
              "seed max": p["seed_high"], "seeds": p["n_seeds"]}
-             for k, p in ((tuple(p["key"]), p) for p in pts.to_dict("records"))]
+            for k, p in ((tuple(p["key"]), p) for p in pts.to_dict("records"))]
     order = {k: i for i, k in enumerate(curves.values())}
     rows.sort(key=lambda r: (order[(r["method"], r["sparsity"], r["trained"])], r["steps"]))
     return pd.DataFrame(rows, columns=columns)

@@ -489,6 +489,12 @@ def _prepare_run_dir(run_dir: Path, out_dir: Path, keep: Sequence[str] = ()) -> 
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
+#: seconds a notebook's kernel may take to answer its first request (papermill's default is 60). On a 2-core
+#: machine running other notebooks and tests, a kernel once took longer than 60 s to start (session 8, `make test`:
+#: "Kernel didn't respond in 60 seconds" in tests/test_cluster.py), which failed a run that had not begun.
+KERNEL_START_TIMEOUT = 300
+
+
 def _execute(spec: RunSpec, run_dir: Path, out_dir: Path, *, kernel_name: str, timeout: float | None,
              keep: Sequence[str] = ()) -> RunOutcome:
     import papermill as pm
@@ -503,7 +509,7 @@ def _execute(spec: RunSpec, run_dir: Path, out_dir: Path, *, kernel_name: str, t
             str(spec.notebook), str(run_dir / spec.notebook.name),
             parameters={**spec.parameters, "OUT_DIR": str(run_dir)},
             kernel_name=kernel_name, cwd=str(spec.notebook.parent), progress_bar=False,
-            execution_timeout=int(math.ceil(timeout)) if timeout else None,
+            execution_timeout=int(math.ceil(timeout)) if timeout else None, start_timeout=KERNEL_START_TIMEOUT,
         )
         res = run_dir / RESULTS
         if not res.is_file():

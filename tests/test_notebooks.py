@@ -67,18 +67,26 @@ def test_default_grid_headline_comparisons_have_three_seeds_and_500_items():
     """Issue 18's bar for what `make run` shows: each headline comparison (04, 05, 07 on mini-blip2 / mini-clip
     questions and images, 06 on SmolLM2 perplexity) runs at 3 or more seeds and evaluates 500 or more held-out
     items, and the bundled held-out set really has that many (a limit past its end would evaluate fewer).
-    06's items are tokens: EVAL_LIMIT windows of 512 tokens, each scoring 511 (its interval resamples windows)."""
-    from ecoflap_utils.zoo import miniclip
+    06's items are tokens: EVAL_LIMIT windows of 512 tokens, each scoring 511 (its interval resamples windows),
+    and the bundled held-out text must hold that many windows."""
+    from ecoflap_utils.data.text import eval_text
+    from ecoflap_utils.evaluate import perplexity_windows
+    from ecoflap_utils.zoo import miniclip, smollm
 
     heldout = len(miniclip.heldout_order())  # mini-blip2's VQA questions and mini-clip's digits, one per image
     assert heldout >= 1000
+    windows = perplexity_windows(len(smollm.load_tokenizer().encode(eval_text())), 512, 512)
     entries = {Path(e["notebook"]).name[:2]: {**(e.get("parameters") or {}), **(e.get("grid") or {})}
                for e in _entries(ROOT / "grids" / "default.yaml")}
     for nb in ("04", "05", "06", "07"):
         p = entries[nb]
         seeds = p["SEEDS"]
         assert len(set(seeds)) >= 3, (nb, seeds)
-        items = p["EVAL_LIMIT"] * 511 if nb == "06" else min(p["EVAL_LIMIT"] or heldout, heldout)
+        if nb == "06":
+            assert 1 <= p["EVAL_LIMIT"] <= len(windows), (p["EVAL_LIMIT"], len(windows))
+            items = sum(n for _, n in windows[: p["EVAL_LIMIT"]])
+        else:
+            items = min(p["EVAL_LIMIT"] or heldout, heldout)
         assert items >= 500, (nb, p["EVAL_LIMIT"])
 
 

@@ -398,3 +398,21 @@ def test_sparsity_dict_prunes_only_its_layers():
     assert {r["name"]: r["actual_sparsity"] for r in res.report} == {layers[0]: 0.25, layers[1]: 0.75}
     other = _block_layers(a, 0)[0]
     assert (a.model.get_parameter(other) != 0).all()
+
+
+@pytest.mark.parametrize("s", [0.5, 0.6])
+def test_inf_and_nan_scores_keep_the_stable_sort_order(s):
+    """Scores that overflow (inf) or come out NaN (0 * inf) are ordered as the stable sort orders them (NaN last),
+    on the whole-k path (0.5 of 6 columns) and the fractional one (0.6), rows of all-inf included."""
+    inf, nan = float("inf"), float("nan")
+    scores = torch.tensor([[1.0, nan, 2.0, 0.5, inf, 3.0], [inf, inf, inf, inf, inf, inf],
+                           [0.0, 5.0, nan, nan, 6.0, -1.0], [2.0, 2.0, 1.0, inf, 1.0, 0.0]])
+    rows, cols = scores.shape
+    k, extra = int(s * cols), int(s * scores.numel()) - int(s * cols) * rows
+    order = torch.sort(scores, dim=1, stable=True)
+    expected = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order.indices[:, :k], True)
+    if extra > 0:
+        plus = torch.sort(order.values[:, k], stable=True).indices[:extra]
+        expected[plus, order.indices[plus, k]] = True
+    got = select_prune_mask(scores, s, comparison="row")
+    assert torch.equal(got, expected) and int(got.sum()) == int(s * scores.numel())

@@ -154,3 +154,17 @@ def test_curve_frame_pools_seeds_like_the_headline_and_refuses_a_repeated_seed()
     assert set(frame["trained"]) == {"qformer"} and set(frame["sparsity"]) == {0.5}
     with pytest.raises(UserError, match="same seed"):
         curve_frame(recs + [_point(1, 20, 70.0)])
+
+
+def test_curve_frame_keeps_int_and_float_sparsities_and_one_model():
+    """A curve at sparsity 0 (an int, as YAML gives it) beside one at 0.5 (pandas makes the column float): each
+    keeps its own value; records of two models are refused rather than pooled."""
+    from ecoflap_utils.errors import UserError
+
+    recs = [_point(0, 0, 10.0), _point(0, 15, 80.0)]
+    recs += [{**r, "sparsity": 0} for r in (_point(0, 0, 90.0), _point(0, 15, 95.0))]
+    frame = curve_frame(recs)
+    assert list(zip(frame["sparsity"], frame["steps"], frame["vqa_accuracy"])) == [(0.5, 0, 10.0), (0.5, 15, 80.0),
+                                                                                (0, 0, 90.0), (0, 15, 95.0)]
+    with pytest.raises(UserError, match="one model"):
+        curve_frame(recs + [{**_point(1, 15, 70.0), "model": "other"}])
