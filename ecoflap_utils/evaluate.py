@@ -88,6 +88,8 @@ def generate_batch(num_beams: int, batch_size: int | None = None) -> int:
     if batch_size is not None:
         return batch_size
     return GREEDY_BATCH if num_beams == 1 else GENERATE_BATCH
+
+
 # --------------------------------------------------------------------------- small helpers
 def _disable(progress: bool | None) -> bool | None:
     """tqdm's ``disable``: None shows bars only on a terminal; False hides them."""

@@ -110,7 +110,7 @@ def select_prune_mask(scores: torch.Tensor, sparsity: float, *, nm: tuple[int, i
         # the fractional part of s * C_in: one more weight in the rows whose next candidate (position k of the
         # row's stable sort) matters least, rows in order of that value, ties by row
         if _selectable(scores):
-            mask = _lowest_per_row(scores, k)
+            mask = _lowest_per_row(scores, k, selectable=True)
             nxt_val, nxt_idx = _next_per_row(scores, mask, k)
         else:  # inf, NaN or integer scores: the sort's order (NaN last) is the definition
             order = torch.sort(scores, dim=1, stable=True)
@@ -124,16 +124,17 @@ def select_prune_mask(scores: torch.Tensor, sparsity: float, *, nm: tuple[int, i
     raise UserError(f"unknown comparison {comparison!r}; choose row or matrix")
 
 
-def _lowest_per_row(scores: torch.Tensor, k: int) -> torch.Tensor:
+def _lowest_per_row(scores: torch.Tensor, k: int, *, selectable: bool | None = None) -> torch.Tensor:
     """``True`` at the ``k`` lowest scores of each row, ties taken in order of position: the first ``k`` of a
     stable row sort (locuslab/wanda ``lib/prune.py`` L176, ``torch.sort(W_metric, dim=-1, stable=True)``), found with
-    a selection (``kthvalue``) instead of a sort on CPU, about twice as fast on LLaMA-sized rows."""
+    a selection (``kthvalue``) instead of a sort on CPU, about twice as fast on LLaMA-sized rows. ``selectable``:
+    the caller's :func:`_selectable` answer, so that the scores are checked once (None: check here)."""
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
     if k >= scores.shape[1]:
         return torch.ones_like(scores, dtype=torch.bool)
-    if scores.device.type != "cpu" or not _selectable(scores):  # CUDA's kthvalue gives each row one thread block:
-        mask = torch.zeros_like(scores, dtype=torch.bool)  # the sort is faster there; inf/NaN: the sort's order
+    if not (_selectable(scores) if selectable is None else selectable):  # CUDA's kthvalue gives each row one thread
+        mask = torch.zeros_like(scores, dtype=torch.bool)  # block, the sort is faster there; inf/NaN: the sort's order
         return mask.scatter_(1, torch.sort(scores, dim=1, stable=True).indices[:, :k], True)
     kth = torch.kthvalue(scores, k, dim=1, keepdim=True).values
     mask = scores < kth
