@@ -7,6 +7,9 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TRANSFORMERS_OFFLINE ?= 1
 export MPLBACKEND ?= Agg
+# SmolLM2 converted once from its GGUF file (ecoflap_utils/zoo/smollm.py): kept in the checkout, so that a fresh
+# clone starts from nothing and `make clean` empties it
+export ECOFLAP_CACHE ?= $(CURDIR)/.cache
 
 .PHONY: setup run test bench clean
 
@@ -33,4 +36,4 @@ bench: $(STAMP)
 	$(PY) bench/scores.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache .cache

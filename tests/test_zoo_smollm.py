@@ -173,3 +173,53 @@ def test_missing_package_and_bad_options(monkeypatch):
         smollm.load(colour="blue")
     with pytest.raises(UserError, match="config.json"):
         smollm.load(weights="/nonexistent/folder")
+
+
+# ----------------------------------------------------------------------------- the conversion cache
+def test_the_conversion_cache_converts_once_and_gives_the_gguf_model(tmp_path, monkeypatch):
+    """Two first uses at once (two notebooks starting together) convert once; the folder then gives the
+    weights, tokenizer and generation settings of the GGUF read bit for bit, and no temporary folder is left."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ecoflap_utils.zoo import smollm
+
+    monkeypatch.setenv(smollm.CACHE_ENV, str(tmp_path / "cache"))
+    read = {"model": [], "tokenizer": []}
+    real_model, real_tokenizer = smollm.from_gguf, smollm.tokenizer_from_gguf
+
+    def model_read(*args, **kwargs):
+        model = real_model(*args, **kwargs)
+        read["model"].append(({k: v.clone() for k, v in model.state_dict().items()}, model.generation_config))
+        return model
+
+    def tokenizer_read():
+        read["tokenizer"].append(real_tokenizer())
+        return read["tokenizer"][-1]
+
+    monkeypatch.setattr(smollm, "from_gguf", model_read)
+    monkeypatch.setattr(smollm, "tokenizer_from_gguf", tokenizer_read)
+    with ThreadPoolExecutor(2) as pool:
+        folders = list(pool.map(lambda _: smollm.converted_folder(), range(2)))
+    assert folders[0] == folders[1] and len(read["model"]) == 1 and len(read["tokenizer"]) == 1
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.is_dir()] == [folders[0].name]
+
+    model, tokenizer = smollm.load_smollm2()
+    assert len(read["model"]) == 1  # read from the folder, not the GGUF file
+    state, generation = read["model"][0]
+    loaded = model.state_dict()
+    assert sorted(loaded) == sorted(state) and all(torch.equal(loaded[k], state[k]) for k in state)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()  # still tied
+    assert model.config.name_or_path == smollm.NAME and model.generation_config.to_dict() == generation.to_dict()
+    reference, text = read["tokenizer"][0], wiki.eval_text()
+    assert tokenizer(text)["input_ids"] == reference(text)["input_ids"]
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.chat_template) == \
+        (reference.bos_token_id, reference.eos_token_id, reference.pad_token_id, reference.chat_template)
+
+
+def test_an_unwritable_cache_warns_and_the_gguf_file_is_read(tmp_path, monkeypatch):
+    from ecoflap_utils.zoo import smollm
+
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv(smollm.CACHE_ENV, str(tmp_path / "a-file" / "cache"))
+    with pytest.warns(UserWarning, match="could not write the converted smollm2-135m .* set ECOFLAP_CACHE"):
+        assert smollm.converted_folder() is None

