@@ -225,5 +225,5 @@ def test_an_unwritable_cache_warns_and_gives_no_folder(tmp_path, monkeypatch):
 
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv(smollm.CACHE_ENV, str(tmp_path / "a-file" / "cache"))
-    with pytest.warns(UserWarning, match="could not write the converted smollm2-135m .* set ECOFLAP_CACHE"):
+    with pytest.warns(UserWarning, match="could not write the converted smollm2-135m .* set ECOFLAP_CACHE to a writable folder"):
         assert smollm.converted_folder() is None

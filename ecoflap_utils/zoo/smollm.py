@@ -24,7 +24,6 @@ import functools
 import hashlib
 import os
 import shutil
-import tempfile
 import warnings
 from importlib.util import find_spec
 from pathlib import Path
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelNotAvailable, UserError
+from ..io import atomic_dir
 from ..models.hf import CausalLMAdapter
 
 NAME = "smollm2-135m"
@@ -137,8 +137,7 @@ def converted_folder() -> Path | None:
         folder.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except OSError as e:
-        warnings.warn(f"could not write the converted {NAME} to {folder.parent} ({e}); reading the GGUF file "
-                      f"(about 15 s a load): set {CACHE_ENV} to a writable folder", stacklevel=2)
+        _warn_unwritable(folder, e)
         return None
     try:
         if (folder / "config.json").is_file():  # another process converted it while this one waited
@@ -146,24 +145,31 @@ def converted_folder() -> Path | None:
         model, tokenizer = from_gguf(torch.float32), tokenizer_from_gguf()  # errors reading the file propagate
         for stale in folder.parent.glob(f".{folder.name}.*"):  # a conversion killed mid-write (only the lock's
             shutil.rmtree(stale, ignore_errors=True)         # holder writes these)
-        tmp = None
         try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache is read by others
-            os.replace(tmp, folder)
+            with atomic_dir(folder, overwrite=True) as tmp:  # overwrite: a folder here without config.json is broken
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                tmp.chmod(0o755)  # mkdtemp makes it private; a shared cache is read by others
         except Exception as e:  # a full disk surfaces from safetensors as its own error type, not OSError
-            warnings.warn(f"could not write the converted {NAME} to {folder.parent} ({type(e).__name__}: {e}); "
-                          f"reading the GGUF file (about 15 s a load): set {CACHE_ENV} to a folder with 600 MB free",
-                          stacklevel=2)
+            _warn_unwritable(folder, e)
             return None
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
     finally:
         lock.release()
     return folder
+
+
+def _warn_unwritable(folder: Path, error: Exception) -> None:
+    warnings.warn(f"could not write the converted {NAME} to {folder.parent} ({type(error).__name__}: {error}); "
+                  f"reading the GGUF file instead (about 15 s a load): set {CACHE_ENV} to a writable folder with "
+                  f"600 MB free", stacklevel=3)
+
+
+def _from_folder(folder: str | Path, dtype: torch.dtype, attn_implementation: str):
+    """A ``LlamaForCausalLM`` from a ``save_pretrained`` folder (the converted copy, or a pruned run's)."""
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation,
+                                            local_files_only=True).eval()
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", *,
@@ -177,12 +183,9 @@ def load_smollm2(dtype: torch.dtype = torch.float32, device: str | torch.device 
     folder = converted_folder()
     if folder is None:
         return from_gguf(dtype, attn_implementation).to(device), tokenizer_from_gguf()
-    from transformers import LlamaForCausalLM
-
-    model = LlamaForCausalLM.from_pretrained(str(folder), dtype=dtype, attn_implementation=attn_implementation,
-                                             local_files_only=True)
+    model = _from_folder(folder, dtype, attn_implementation)
     model.config.name_or_path = NAME
-    return model.to(device).eval(), load_tokenizer(folder)
+    return model.to(device), load_tokenizer(folder)
 
 
 def _drop_gguf_quantization(model) -> None:
@@ -220,14 +223,10 @@ def load(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
         raise UserError(f"unknown option(s) {sorted(kw)} for {NAME}; it takes device, dtype, weights, "
                         "attn_implementation and seq_len")
     if weights is not None:
-        from transformers import LlamaForCausalLM
-
         if not (Path(weights) / "config.json").exists():
             raise UserError(f"{weights} is not a save_pretrained folder (no config.json): pass the model/ folder "
                             "written by save_pruned")
-        model = LlamaForCausalLM.from_pretrained(str(weights), dtype=dtype, attn_implementation=attn_implementation,
-                                                 local_files_only=True)
-        model = model.to(device).eval()
+        model = _from_folder(weights, dtype, attn_implementation).to(device)
         tokenizer = load_tokenizer(weights)
     else:
         model, tokenizer = load_smollm2(dtype=dtype, device=device, attn_implementation=attn_implementation)
