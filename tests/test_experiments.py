@@ -113,8 +113,11 @@ def test_track_records_time_memory_and_the_thread_count():
 
     from ecoflap_utils.measure import track
 
+    import gc
+
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    gc.collect()  # else an earlier test's cyclic garbage (a model) may be freed inside the block, and the RSS stay flat
     try:
         with track() as r:
             x = torch.ones(16_000_000)  # 64 MB: above glibc's largest mmap threshold, so fresh pages
